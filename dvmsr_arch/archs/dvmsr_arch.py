@@ -1,0 +1,285 @@
+"""DVMSR: Distillated Vision Mamba for efficient Super-Resolution (Lei et al., CVPRW 2024).
+
+Parameter names and shapes follow the released code (and mamba_ssm's ``Mamba``), so the released
+checkpoints load strictly. Defaults are the released x4 student: 4 RSSBs x 2 ViMMs at 60 channels,
+424,428 parameters.
+"""
+import math
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import Tensor, nn
+
+from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def images_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H*W, C), row-major raster order: the scan order of the released model."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_images(tokens: Tensor, size: Tuple[int, int]) -> Tensor:
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a whole sample with probability ``p`` while training, rescale the rest."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+def _ssm_parameters(inner: int, d_state: int, d_conv: int, dt_rank: int):
+    """One scan direction's own parameters: conv1d, x_proj, dt_proj, A_log (E, N) and D (E)."""
+    # The causal padding is applied in ``causal_conv1d_silu``, not by the module.
+    conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner)
+    x_proj = nn.Linear(inner, dt_rank + 2 * d_state, bias=False)
+    dt_proj = nn.Linear(dt_rank, inner)
+    A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1))
+    D = nn.Parameter(torch.ones(inner))
+    return conv1d, x_proj, dt_proj, A_log, D
+
+
+class MambaMixer(nn.Module):
+    """mamba_ssm's ``Mamba`` block (same parameter names), with the scan behind ``dvmsr_arch.ops``.
+
+    Args:
+        dim: Token width C.
+        d_state: SSM state size N.
+        d_conv: Kernel size of the causal depthwise Conv1d.
+        expand: Inner width E = expand * dim.
+        dt_rank: Rank R of the delta projection.
+        bidirectional: Add a second scan over the reversed sequence with its own conv1d, x/dt
+            projections, A and D (suffix ``_b``), sharing ``in_proj`` and ``out_proj``; the two gated
+            outputs are averaged before ``out_proj``, as in Vision Mamba.
+        scan_backend: Selective-scan backend, see :mod:`dvmsr_arch.ops.selective_scan`.
+    """
+
+    def __init__(self, *, dim: int, d_state: int, d_conv: int, expand: int, dt_rank: int, bidirectional: bool,
+                 scan_backend: str) -> None:
+        super().__init__()
+        inner = expand * dim
+        self.d_state, self.dt_rank, self.scan_backend = d_state, dt_rank, scan_backend
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = _ssm_parameters(inner, d_state, d_conv, dt_rank)
+        if bidirectional:
+            self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = _ssm_parameters(
+                inner, d_state, d_conv, dt_rank)
+        self.bidirectional = bidirectional
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+
+    def _scan(self, x: Tensor, z: Tensor, conv1d: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor,
+              D: Tensor, backend: str) -> Tensor:
+        x = causal_conv1d_silu(x, conv1d.weight, conv1d.bias, backend)
+        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # the bias goes in as the scan's delta_bias
+        return selective_scan(x, delta, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                              D.float(), z, dt_proj.bias.float(), delta_softplus=True, backend=backend)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        backend = resolve_backend(self.scan_backend, tokens.device)
+        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
+        y = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, backend)
+        if self.bidirectional:
+            y_b = self._scan(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+                             self.D_b, backend)
+            y = (y + y_b.flip(-1)) / 2
+        return self.out_proj(y.transpose(1, 2))
+
+
+class ViMM(nn.Module):
+    """Vision Mamba Module: LayerNorm then the Mamba mixer, over a token sequence."""
+
+    def __init__(self, *, dim: int, mixer: MambaMixer, drop_path: float, residual: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mixer = mixer
+        self.drop_path = DropPath(drop_path)
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.residual:  # paper Eq. 4
+            return x + self.drop_path(self.mixer(self.norm(x)))
+        # The released model: no skip, stochastic depth on the block input.
+        return self.mixer(self.norm(self.drop_path(x)))
+
+
+class ViMMGroup(nn.Module):
+    """ViMMs applied one after another (its own module so checkpoint keys read ``residual_group.blocks``)."""
+
+    def __init__(self, blocks: Sequence[ViMM]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class RSSB(nn.Module):
+    """Residual State Space Block: ViMMs, a 3x3 conv in image space, and a skip connection."""
+
+    def __init__(self, *, dim: int, blocks: Sequence[ViMM]) -> None:
+        super().__init__()
+        self.residual_group = ViMMGroup(blocks)
+        self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+
+    def forward(self, tokens: Tensor, size: Tuple[int, int]) -> Tensor:
+        x = tokens_to_images(self.residual_group(tokens), size)
+        return images_to_tokens(self.conv(x)) + tokens
+
+
+class PatchEmbed(nn.Module):
+    """Image features to a normalised token sequence (patch size 1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(images_to_tokens(x))
+
+
+class Upsample(nn.Sequential):
+    """Classical SR upsampler: log2(scale) x (conv, PixelShuffle(2)), or one conv + PixelShuffle(3)."""
+
+    def __init__(self, scale: int, num_feat: int) -> None:
+        layers: List[nn.Module] = []
+        if scale & (scale - 1) == 0:
+            for _ in range(int(math.log2(scale))):
+                layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+        elif scale == 3:
+            layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        else:
+            raise ValueError(f'upscale={scale} is not supported; use 2, 3 or 4')
+        super().__init__(*layers)
+
+
+@ARCH_REGISTRY.register()
+class DVMSR(nn.Module):
+    """DVMSR super-resolution network.
+
+    Args:
+        upscale: Scale factor, 2, 3 or 4.
+        embed_dim: Feature width C.
+        depths: ViMMs in each RSSB; its length is the number of RSSBs.
+        d_state: SSM state size N.
+        d_conv: Kernel size of the causal Conv1d in each ViMM.
+        expand: Inner width of the mixer, E = expand * embed_dim.
+        dt_rank: Rank of the delta projection; None means ceil(embed_dim / 16) as in Mamba.
+        upsampler: ``'pixelshuffledirect'`` (one conv + PixelShuffle, the lightweight student) or
+            ``'pixelshuffle'`` (conv + LeakyReLU, then conv/PixelShuffle stages and a last conv; the
+            paper's teachers and ablations).
+        num_feat: Width of the ``'pixelshuffle'`` upsampler.
+        img_range: Inputs and outputs are in [0, img_range]; the RGB mean is removed before the body.
+        drop_path_rate: Stochastic depth, rising linearly to this value over all ViMMs.
+        vimm_residual: Add the skip connection of the paper's Eq. 4 around each ViMM. The released
+            weights were trained without it, so it is off by default.
+        bidirectional: Scan each sequence forwards and backwards (paper Table 6).
+        dt_init: ``'released'`` keeps what the released code ends up with (delta projection weights
+            drawn like every Linear, delta bias zero); ``'mamba'`` uses Mamba's own delta init
+            (bias = inverse softplus of a log-uniform step in [0.001, 0.1]).
+        scan_backend: ``'auto'``, ``'ref'``, ``'torch'``, ``'mamba_ssm'`` or ``'triton'``; see
+            :mod:`dvmsr_arch.ops.selective_scan`.
+    """
+
+    def __init__(self, *, upscale: int = 4, embed_dim: int = 60, depths: Sequence[int] = (2, 2, 2, 2),
+                 d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: Optional[int] = None,
+                 upsampler: Literal['pixelshuffledirect', 'pixelshuffle'] = 'pixelshuffledirect', num_feat: int = 64,
+                 img_range: float = 1.0, drop_path_rate: float = 0.1, vimm_residual: bool = False,
+                 bidirectional: bool = False, dt_init: Literal['released', 'mamba'] = 'released',
+                 scan_backend: str = 'auto') -> None:
+        super().__init__()
+        if upscale not in (2, 3, 4):
+            raise ValueError(f'upscale={upscale} is not supported; use 2, 3 or 4')
+        if upsampler not in ('pixelshuffledirect', 'pixelshuffle'):
+            raise ValueError(f"upsampler={upsampler!r}: use 'pixelshuffledirect' or 'pixelshuffle'")
+        if dt_init not in ('released', 'mamba'):
+            raise ValueError(f"dt_init={dt_init!r}: use 'released' or 'mamba'")
+        check_backend_name(scan_backend)
+        self.upscale, self.upsampler, self.img_range = upscale, upsampler, img_range
+        self.register_buffer('mean', torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        dt_rank = dt_rank or math.ceil(embed_dim / 16)
+        drop_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+
+        def vimm(index: int) -> ViMM:
+            mixer = MambaMixer(dim=embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
+                               bidirectional=bidirectional, scan_backend=scan_backend)
+            return ViMM(dim=embed_dim, mixer=mixer, drop_path=drop_rates[index], residual=vimm_residual)
+
+        self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim)
+        starts = [sum(depths[:i]) for i in range(len(depths))]
+        self.layers = nn.ModuleList(
+            RSSB(dim=embed_dim, blocks=[vimm(start + j) for j in range(depth)]) for start, depth in zip(starts, depths))
+        self.norm_f = nn.LayerNorm(embed_dim)
+        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
+        if upsampler == 'pixelshuffle':
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+            self.upsample = Upsample(upscale, num_feat)
+            self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+        else:
+            self.upsample = nn.Sequential(nn.Conv2d(embed_dim, 3 * upscale**2, 3, 1, 1), nn.PixelShuffle(upscale))
+        self.apply(self._init_weights)
+        if dt_init == 'mamba':
+            for name, module in self.named_modules():
+                if name.endswith(('.dt_proj', '.dt_proj_b')):
+                    _mamba_dt_init(module, dt_rank)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward_with_features(self, x: Tensor) -> Tuple[Tensor, Dict[str, object]]:
+        """The SR image plus the features distillation can match.
+
+        ``rssb``: the output of each RSSB as images (B, C, H, W); ``body``: deep features at the end of
+        the body (after ``conv_after_body`` and the long skip), the input of the upsampler.
+        """
+        size = (x.shape[2], x.shape[3])
+        x = (x - self.mean) * self.img_range
+        shallow = self.conv_first(x)
+        tokens = self.patch_embed(shallow)
+        rssb = []
+        for layer in self.layers:
+            tokens = layer(tokens, size)
+            rssb.append(tokens)
+        body = self.conv_after_body(tokens_to_images(self.norm_f(tokens), size)) + shallow
+        if self.upsampler == 'pixelshuffle':
+            out = self.conv_last(self.upsample(self.conv_before_upsample(body)))
+        else:
+            out = self.upsample(body)
+        out = out / self.img_range + self.mean
+        return out, {'rssb': [tokens_to_images(t, size) for t in rssb], 'body': body}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_features(x)[0]
+
+
+def _mamba_dt_init(dt_proj: nn.Linear, dt_rank: int, dt_min: float = 1e-3, dt_max: float = 0.1,
+                   dt_floor: float = 1e-4) -> None:
+    """Mamba's delta-projection init: softplus(bias) is log-uniform in [dt_min, dt_max]."""
+    with torch.no_grad():
+        bound = dt_rank**-0.5
+        dt_proj.weight.uniform_(-bound, bound)
+        dt = torch.exp(torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))

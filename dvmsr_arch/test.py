@@ -1,0 +1,12 @@
+"""Evaluate with BasicSR: ``python dvmsr_arch/test.py -opt options/test/benchmarks.yml``."""
+import sys
+from os import path as osp
+
+ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
+sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
+
+import dvmsr_arch  # noqa: E402,F401  (registers the networks and models)
+from basicsr.test import test_pipeline  # noqa: E402
+
+if __name__ == '__main__':
+    test_pipeline(ROOT)
