@@ -1,17 +1,16 @@
 """Selective scan in plain PyTorch: chunked, autograd-capable, bounded memory.
 
-The sequence is cut into blocks that fit a fixed element budget, and each block into chunks of
-``T`` tokens. Inside a block all chunks advance together, one token at a time (``T`` vectorised
-steps, each over every chunk at once), each chunk starting from a zero state. A short pass over
-the chunk ends then carries the true state into every chunk, and one fused fix-up adds its decayed
-contribution. Blocks are chained by their final state.
+The sequence is cut into chunks of ``T`` tokens that all advance together, one token at a time,
+each from a zero state (``T`` vectorised steps over every chunk at once). A short pass over the
+chunk ends then gives each chunk the true state it starts from, and a second sweep over the ``T``
+positions adds that state's decayed contribution to the output. The (batch, E, L, N) tensor of
+all states never exists: each step holds one state per chunk, and long sequences are further cut
+into blocks chained by their final state. Under autograd every block is checkpointed, so the
+backward pass also holds one block at a time.
 
-Only decay factors ``exp(delta * A)`` in (0, 1] and their running products are ever formed, so
-nothing overflows however long the sequence. No tensor of shape (batch, E, L, N) over the whole
-sequence exists: under autograd each block is checkpointed, so the backward pass holds one block
-at a time too.
+Only decay factors exp(delta * A) in (0, 1] are formed (A < 0, delta >= 0 after softplus), never
+their inverses, so nothing overflows however long the sequence.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -19,49 +18,40 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# Elements of one (batch, E, block, N) tensor: 2**23 floats is 32 MiB in fp32.
-BLOCK_ELEMENTS = 2**23
-MAX_CHUNK = 64
+CHUNK = 16  # short chunks make few, large vectorised steps; the pass over chunk ends is cheap
+# Elements of one step's (batch, chunks, E, N) state tensor in a block: bounds the working set,
+# and, under autograd, what one checkpointed block keeps for its backward pass.
+STEP_ELEMENTS = 2**22
+STEP_ELEMENTS_WITH_GRAD = 2**20
 
 
-def _scan_block(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: Tensor,
-                chunk: int) -> Tuple[Tensor, Tensor]:
-    """Scan one block whose length is a multiple of ``chunk``; returns (y without D/gate, last state)."""
+def _scan_block(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
+    """Scan one block whose length is a multiple of CHUNK; returns (C.h per token, final state)."""
     batch, inner, length = u.shape
-    n_chunks = length // chunk
-    # Token-major layouts (T, batch, E, chunks[, N]) make every step's slice contiguous.
-    delta_t = delta.reshape(batch, inner, n_chunks, chunk).permute(3, 0, 1, 2)
-    u_t = u.reshape(batch, inner, n_chunks, chunk).permute(3, 0, 1, 2)
-    B_t = B.reshape(batch, -1, n_chunks, chunk).permute(3, 0, 2, 1).unsqueeze(2)  # (T, b, 1, chunks, N)
-    C_t = C.reshape(batch, -1, n_chunks, chunk).permute(3, 0, 2, 1).unsqueeze(2)
-    log_decay = delta_t.unsqueeze(-1) * A[:, None, :]  # (T, b, E, chunks, N), all <= 0
-    decay = torch.exp(log_decay)
-    drive = (delta_t * u_t).unsqueeze(-1) * B_t
+    n_chunks = length // CHUNK
 
-    states = [drive[0]]
-    for t in range(1, chunk):
-        states.append(torch.addcmul(drive[t], decay[t], states[-1]))
-    local = torch.stack(states)  # each chunk's states from a zero start
+    def steps_first(t: Tensor) -> Tensor:  # (b, X, L) -> (T, b, chunks, X): each step's slice contiguous
+        return t.reshape(batch, t.shape[1], n_chunks, CHUNK).permute(3, 0, 2, 1).contiguous()
 
-    # Running decay from each chunk's start: exp of a cumulative sum of non-positive numbers.
-    decay_from_start = torch.exp(torch.cumsum(log_decay, dim=0))
-    carry, carries = h0, []
+    delta_s, drive_s = steps_first(delta), steps_first(delta * u)
+    B_s, C_s = steps_first(B).unsqueeze(3), steps_first(C).unsqueeze(-1)  # (T,b,chunks,1,N), (T,b,chunks,N,1)
+    delta_sum = delta_s.cumsum(0).unsqueeze(-1)  # decay from a chunk's start is exp(A * delta_sum)
+
+    h, y_local = None, []
+    for t in range(CHUNK):
+        drive = drive_s[t].unsqueeze(-1) * B_s[t]
+        h = drive if h is None else torch.addcmul(drive, torch.exp(delta_s[t].unsqueeze(-1) * A), h)
+        y_local.append(torch.matmul(h, C_s[t]))
+
+    chunk_decay = torch.exp(delta_sum[-1] * A)  # (b, chunks, E, N)
+    carry, starts = h0, []
     for c in range(n_chunks):
-        carries.append(carry)
-        carry = torch.addcmul(local[-1, :, :, c], decay_from_start[-1, :, :, c], carry)
-    carry_in = torch.stack(carries, dim=2)  # (b, E, chunks, N)
+        starts.append(carry)
+        carry = torch.addcmul(h[:, c], chunk_decay[:, c], carry)
+    start = torch.stack(starts, dim=1)
 
-    states = torch.addcmul(local, decay_from_start, carry_in)
-    y = (states * C_t).sum(-1)  # (T, b, E, chunks)
-    return y.permute(1, 2, 3, 0).reshape(batch, inner, length), carry
-
-
-def _chunk_sizes(batch: int, inner: int, state: int, length: int) -> Tuple[int, int]:
-    chunk = min(MAX_CHUNK, max(1, math.isqrt(length)))
-    per_token = batch * inner * state
-    block = max(chunk, (BLOCK_ELEMENTS // per_token) // chunk * chunk)
-    block = min(block, -(-length // chunk) * chunk)
-    return chunk, block
+    y = torch.stack([y_local[t] + torch.matmul(torch.exp(delta_sum[t] * A) * start, C_s[t]) for t in range(CHUNK)])
+    return y.squeeze(-1).permute(1, 3, 2, 0).reshape(batch, inner, length), carry
 
 
 def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -76,20 +66,22 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     if delta_softplus:
         delta = F.softplus(delta)
     batch, inner, length = u_c.shape
-    chunk, block = _chunk_sizes(batch, inner, A.shape[1], length)
-    use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (u_c, delta, A, B, C))
+    state = A.shape[1]
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u_c, delta, A, B, C))
+    step_budget = STEP_ELEMENTS_WITH_GRAD if with_grad else STEP_ELEMENTS
+    block = max(1, step_budget // (batch * inner * state)) * CHUNK
 
-    h = u_c.new_zeros(batch, inner, A.shape[1])
+    h = u_c.new_zeros(batch, inner, state)
     outputs = []
     for start in range(0, length, block):
         stop = min(start + block, length)
-        pad = -(stop - start) % chunk
         # Padding with delta = 0 gives decay 1 and no input: the state passes through unchanged.
+        pad = -(stop - start) % CHUNK
         pieces = [F.pad(t[..., start:stop], (0, pad)) for t in (u_c, delta, B, C)]
-        if use_checkpoint:
-            y, h = checkpoint(_scan_block, *pieces, A, h, chunk, use_reentrant=False)
+        if with_grad:
+            y, h = checkpoint(_scan_block, *pieces, A, h, use_reentrant=False)
         else:
-            y, h = _scan_block(*pieces, A, h, chunk)
+            y, h = _scan_block(*pieces, A, h)
         outputs.append(y[..., :stop - start])
     y = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
     if D is not None:

@@ -1,0 +1,132 @@
+"""The DVMSR network: shapes, parameter counts, checkpoint layout, options."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from dvmsr_arch.archs.dvmsr_arch import DVMSR
+
+
+def count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def formula(d, n, k):
+    """Parameters of x4 pixelshuffledirect DVMSR with n RSSBs of k ViMMs at width d."""
+    r = math.ceil(d / 16)
+    return n * (k * (6 * d * d + 4 * d * r + 112 * d) + 9 * d * d + d) + 9 * d * d + 465 * d + 48
+
+
+def test_default_is_the_released_student():
+    assert count(DVMSR()) == 424_428
+
+
+@pytest.mark.parametrize('d,n,k', list(itertools.product([8, 20, 60, 96], [1, 2, 4], [1, 2, 3])))
+def test_parameter_count_formula(d, n, k):
+    assert count(DVMSR(embed_dim=d, depths=[k] * n)) == formula(d, n, k)
+
+
+@pytest.mark.parametrize('upscale', [2, 3, 4])
+@pytest.mark.parametrize('upsampler', ['pixelshuffledirect', 'pixelshuffle'])
+@pytest.mark.parametrize('size', [(23, 17), (8, 8), (1, 5)])
+def test_output_shape(upscale, upsampler, size):
+    net = DVMSR(upscale=upscale, upsampler=upsampler, embed_dim=12, depths=[1, 1], num_feat=8).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, *size))
+    assert out.shape == (2, 3, size[0] * upscale, size[1] * upscale)
+    assert torch.isfinite(out).all()
+
+
+def test_checkpoint_keys_follow_the_released_layout():
+    keys = set(DVMSR().state_dict())
+    assert 'layers.3.residual_group.blocks.1.mixer.A_log' in keys
+    assert 'layers.0.residual_group.blocks.0.norm.weight' in keys
+    assert {'conv_first.weight', 'patch_embed.norm.weight', 'norm_f.bias', 'conv_after_body.weight',
+            'upsample.0.weight', 'layers.2.conv.bias'} <= keys
+    assert not any('mean' in k for k in keys)  # the RGB mean is a constant, not a weight
+    mixer = {k.split('mixer.')[1] for k in keys if 'layers.0.residual_group.blocks.0.mixer.' in k}
+    assert mixer == {'in_proj.weight', 'conv1d.weight', 'conv1d.bias', 'x_proj.weight', 'dt_proj.weight',
+                     'dt_proj.bias', 'A_log', 'D', 'out_proj.weight'}
+
+
+def test_pixelshuffle_upsampler_layout():
+    keys = set(DVMSR(upsampler='pixelshuffle', embed_dim=192, depths=[2] * 8).state_dict())
+    assert {'conv_before_upsample.0.weight', 'upsample.0.weight', 'upsample.2.weight', 'conv_last.weight'} <= keys
+    assert count(DVMSR(upsampler='pixelshuffle', embed_dim=192, depths=[2] * 8)) == 7_432_131
+
+
+def test_bidirectional_adds_a_second_scan_per_vimm():
+    net = DVMSR(bidirectional=True)
+    assert count(net) - count(DVMSR()) == 8 * 7_560
+    mixer = net.layers[0].residual_group.blocks[0].mixer
+    for name in ('conv1d_b', 'x_proj_b', 'dt_proj_b', 'A_b_log', 'D_b'):
+        assert hasattr(mixer, name)
+
+
+def test_bidirectional_output_depends_on_later_tokens():
+    torch.manual_seed(0)
+    for bidirectional, expect_change in ((False, False), (True, True)):
+        net = DVMSR(embed_dim=8, depths=[1], bidirectional=bidirectional).double().eval()
+        mixer = net.layers[0].residual_group.blocks[0].mixer
+        tokens = torch.randn(1, 6, 8, dtype=torch.float64)
+        changed = tokens.clone()
+        changed[:, -1] += 1.0
+        with torch.no_grad():
+            first = mixer(tokens)[:, 0]
+            again = mixer(changed)[:, 0]
+        assert (not torch.equal(first, again)) == expect_change
+
+
+def test_vimm_residual_option_adds_the_input():
+    torch.manual_seed(0)
+    plain = DVMSR(embed_dim=8, depths=[1]).eval()
+    residual = DVMSR(embed_dim=8, depths=[1], vimm_residual=True).eval()
+    residual.load_state_dict(plain.state_dict())
+    tokens = torch.randn(1, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(residual.layers[0].residual_group.blocks[0](tokens),
+                                   plain.layers[0].residual_group.blocks[0](tokens) + tokens)
+
+
+def test_initialisation():
+    torch.manual_seed(0)
+    released = DVMSR()
+    mixer = released.layers[0].residual_group.blocks[0].mixer
+    assert torch.all(mixer.dt_proj.bias == 0)  # what the released code's init loop leaves
+    assert mixer.in_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.allclose(mixer.A_log[5], torch.log(torch.arange(1, 17.0)))
+    assert torch.all(mixer.D == 1)
+    mamba = DVMSR(dt_init='mamba').layers[0].residual_group.blocks[0].mixer
+    dt = torch.nn.functional.softplus(mamba.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+
+
+def test_bad_arguments_are_rejected_with_their_name():
+    with pytest.raises(ValueError, match='scan_backend'):
+        DVMSR(scan_backend='fast')
+    with pytest.raises(ValueError, match='upscale=5'):
+        DVMSR(upscale=5)
+    with pytest.raises(ValueError, match='upsampler'):
+        DVMSR(upsampler='nearest+conv')
+    with pytest.raises(TypeError):
+        DVMSR(embed_dim=60, img_size=64)  # a key the architecture does not take
+
+
+def test_backends_agree_inside_the_network():
+    torch.manual_seed(0)
+    net = DVMSR(embed_dim=16, depths=[2, 1]).double().eval()
+    x = torch.rand(1, 3, 9, 13, dtype=torch.float64)
+    with torch.no_grad():
+        for mixer in (m for m in net.modules() if hasattr(m, 'scan_backend')):
+            mixer.scan_backend = 'ref'
+        expected = net(x)
+        for mixer in (m for m in net.modules() if hasattr(m, 'scan_backend')):
+            mixer.scan_backend = 'torch'
+        torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_registered_in_basicsr():
+    from basicsr.archs import build_network
+    net = build_network({'type': 'DVMSR', 'embed_dim': 12, 'depths': [1]})
+    assert isinstance(net, DVMSR)
