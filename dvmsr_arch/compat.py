@@ -10,6 +10,59 @@ import torchvision.transforms.functional as _tv_functional
 # 0.17 removed; the one function basicsr takes from it (rgb_to_grayscale) lives on in `functional`.
 sys.modules.setdefault('torchvision.transforms.functional_tensor', _tv_functional)
 
+# --- Resume on any device, keeping a distillation teacher's own weights ------------------------
+# (Placed before later patches, which wrap basicsr's load_resume_state as left here.)
+import os  # noqa: E402
+from os import path as _osp  # noqa: E402
+
+import torch as _torch  # noqa: E402
+from basicsr import train as _train_module  # noqa: E402
+from basicsr.utils import misc as _misc  # noqa: E402
+
+TEACHER_PATH_KEYS = ('pretrain_network_t', 'param_key_t')
+_check_resume = _misc.check_resume
+
+
+def check_resume_keeping_teacher(opt, resume_iter):
+    """basicsr's ``check_resume``, leaving the frozen teacher's checkpoint as the option file names it.
+
+    ``check_resume`` points every ``pretrain_network_*`` at the run's own ``net_*_<iter>.pth`` and
+    turns ``params_ema`` keys into ``params``; a teacher (``network_t``) is never saved by the run, so
+    that would send it looking for a file that does not exist.
+    """
+    kept = {key: opt['path'][key] for key in TEACHER_PATH_KEYS if key in opt['path']}
+    _check_resume(opt, resume_iter)
+    for key in TEACHER_PATH_KEYS:
+        if key in kept:
+            opt['path'][key] = kept[key]
+        else:
+            opt['path'].pop(key, None)
+
+
+def load_resume_state_on_any_device(opt):
+    """basicsr's ``load_resume_state``, also without CUDA and from any working folder.
+
+    basicsr maps the state onto ``torch.cuda.current_device()``, which fails on a CPU-only machine,
+    and looks for ``--auto_resume`` states under ``./experiments`` instead of the run's own folder.
+    The state is read onto the CPU: ``Optimizer.load_state_dict`` moves each tensor to its
+    parameter's device anyway.
+    """
+    state_path = opt['path'].get('resume_state')
+    if opt['auto_resume']:
+        folder = opt['path']['training_states']
+        iters = [int(name[:-len('.state')]) for name in (os.listdir(folder) if _osp.isdir(folder) else [])
+                 if name.endswith('.state') and name[:-len('.state')].isdigit()]
+        if iters:
+            state_path = opt['path']['resume_state'] = _osp.join(folder, f'{max(iters)}.state')
+    if not state_path:
+        return None
+    resume_state = _torch.load(state_path, map_location='cpu', weights_only=True)
+    check_resume_keeping_teacher(opt, resume_state['iter'])
+    return resume_state
+
+
+_train_module.load_resume_state = load_resume_state_on_any_device
+
 # --- Multi-GPU, crash-safe checkpoints and input errors ---------------------------------------
 # Everything below patches basicsr 1.4.2 after the shim above, so its first import may happen here.
 import functools  # noqa: E402
