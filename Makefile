@@ -18,7 +18,7 @@ $(STAMP): setup.py Makefile
 	# basicsr 1.4.2's setup.py imports torch and numpy: build it against the ones just installed.
 	$(VPY) -m pip install --quiet numpy
 	$(VPY) -m pip install --quiet --no-build-isolation basicsr==1.4.2
-	$(VPY) -m pip install --quiet --no-build-isolation -e '.[dev,demo,plots]'
+	$(VPY) -m pip install --quiet --no-build-isolation -e '.[dev,demo,plots,flops]'
 	touch $(STAMP)
 
 test: venv
