@@ -1,0 +1,1 @@
+"""Tools that explain what a trained network does."""
