@@ -384,12 +384,14 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ['probe']:  # the probe's own process, started by run_probe
+        probe_parser = argparse.ArgumentParser(prog='ddp_check.py probe')
+        probe_parser.add_argument('--out', required=True)
+        probe_parser.add_argument('--nets', required=True)
+        probe_parser.add_argument('--batches', type=int, nargs=2, required=True)
+        probe(probe_parser.parse_args(sys.argv[2:]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    sub = parser.add_subparsers(dest='command')
-    probe_parser = sub.add_parser('probe', help=argparse.SUPPRESS)
-    probe_parser.add_argument('--out', required=True)
-    probe_parser.add_argument('--nets', required=True)
-    probe_parser.add_argument('--batches', type=int, nargs=2, required=True)
     parser.add_argument('--hr', help='folder of HR training images')
     parser.add_argument('--val-gt', help='validation HR folder (Set5/HR)')
     parser.add_argument('--val-lq', help='validation LR folder (Set5/LR_bicubic/X4)')
@@ -403,11 +405,10 @@ def main() -> None:
                         'largest power of two up to 128 that fits one GPU by the probe)')
     parser.add_argument('--teacher-batch', type=int, help='batch of the teacher run (default: from the probe)')
     parser.add_argument('--workers', type=int, default=8, help='data-loader workers per GPU')
+    parser.add_argument('--scan-backend', choices=('auto', 'ref', 'torch', 'mamba_ssm', 'triton'),
+                        help='selective-scan backend of every run (sets DVMSR_SCAN_BACKEND; default: auto)')
     parser.add_argument('--tiny', action='store_true', help='tiny networks: to try this script on a CPU')
     args = parser.parse_args()
-    if args.command == 'probe':
-        probe(args)
-        return
     for key in ('hr', 'val_gt', 'val_lq'):
         if not getattr(args, key) or not osp.isdir(getattr(args, key)):
             parser.error(f'--{key.replace("_", "-")}: {getattr(args, key)} is not a folder')
@@ -435,8 +436,20 @@ def main() -> None:
     data = prepare_data(args.hr, args.work)
     summary['data'] = data
     val = {'gt': args.val_gt, 'lq': args.val_lq}
+    if args.scan_backend:
+        os.environ['DVMSR_SCAN_BACKEND'] = args.scan_backend  # every child inherits it
     log(f'{data["count"]} training sub-images; probe')
-    summary['probe'] = run_probe(nets, args.work)
+    try:
+        summary['probe'] = run_probe(nets, args.work)
+    except subprocess.CalledProcessError:
+        if os.environ.get('DVMSR_SCAN_BACKEND', 'auto') == 'torch':
+            raise
+        # A failing compiled backend should not cost the whole measurement: fall back to the
+        # plain PyTorch scan and say so in the summary.
+        log('probe failed with the automatic scan backend; retrying with DVMSR_SCAN_BACKEND=torch')
+        summary['scan_backend_fallback'] = 'torch'
+        os.environ['DVMSR_SCAN_BACKEND'] = 'torch'
+        summary['probe'] = run_probe(nets, args.work)
     teacher_fit = fitting_batch(summary['probe']['teacher'], memory)
     distill_fit = fitting_batch(summary['probe']['distill'], memory)
     teacher_batch = args.teacher_batch or teacher_fit['batch']
