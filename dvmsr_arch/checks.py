@@ -240,9 +240,8 @@ def check_networks(opt: dict) -> Dict[str, torch.nn.Module]:
             net = arch(**net_opt)
         except (ValueError, TypeError) as error:
             raise InputError(f'{key}: {error}') from None
-        backend = net_opt.get('scan_backend')
-        if backend is not None:
-            _check_scan_backend(key, backend, _run_device(opt))
+        if 'scan_backend' in parameters:  # also checks DVMSR_SCAN_BACKEND, which 'auto' defers to
+            _check_scan_backend(key, net_opt.get('scan_backend', 'auto'), _run_device(opt))
         networks[key] = net
     return networks
 

@@ -149,6 +149,12 @@ def test_scan_backend_that_cannot_run_on_the_device(tmp_path, monkeypatch, data,
     assert message.startswith('network_g.scan_backend: ') and 'cannot run here' in message
 
 
+def test_unknown_scan_backend_in_the_environment(tmp_path, monkeypatch, data, experiment):
+    monkeypatch.setenv('DVMSR_SCAN_BACKEND', 'bogus')
+    message = problem(tmp_path, monkeypatch, tiny.training_options(experiment, **data['lmdb']))
+    assert message.startswith("network_g.scan_backend: DVMSR_SCAN_BACKEND='bogus' is not a selective-scan backend")
+
+
 def test_teacher_checkpoint_that_does_not_match(tmp_path, monkeypatch, data, experiment):
     wider = dict(tiny.TINY_NET, embed_dim=12)
     teacher = tiny.save_tiny_teacher(tmp_path / 'teacher.pth', wider)
