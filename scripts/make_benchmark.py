@@ -18,16 +18,12 @@ from multiprocessing import Pool
 from os import path as osp
 from typing import List, Sequence, Tuple
 
+import cv2
+import numpy as np
+from tqdm import tqdm
+
 ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
 sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import dvmsr_arch  # noqa: E402,F401  (basicsr needs the compatibility patches first)
-from basicsr.utils.matlab_functions import imresize  # noqa: E402
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
 
@@ -45,9 +41,17 @@ def modcrop(image: np.ndarray, multiple: int) -> np.ndarray:
     return image[:h - h % multiple, :w - w % multiple]
 
 
+def load_imresize():
+    """basicsr's ``imresize``, imported on first use: basicsr (and torch) take seconds to load, which a
+    command that stops at a bad argument should not wait for."""
+    import dvmsr_arch  # noqa: F401  (basicsr needs the compatibility patches first)
+    from basicsr.utils.matlab_functions import imresize
+    return imresize
+
+
 def bicubic_downscale(image: np.ndarray, scale: int) -> np.ndarray:
     """MATLAB's bicubic downscaling (with antialiasing) of a uint8 HxWxC image whose sides divide by ``scale``."""
-    small = imresize(image.astype(np.float32) / 255.0, 1 / scale)
+    small = load_imresize()(image.astype(np.float32) / 255.0, 1 / scale)
     return np.clip(np.round(small * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -68,6 +72,8 @@ def list_images(folder: str, option: str = '--input') -> List[str]:
 
 
 def _make_one(task: Tuple[str, str, Tuple[int, ...]]) -> str:
+    import torch
+
     path, output, scales = task
     torch.set_num_threads(1)  # one image per process; threads would only fight over the cores
     hr = modcrop(read_color(path), common_multiple(scales))
@@ -93,6 +99,7 @@ def make_benchmark(input_dir: str, output: str, scales: Sequence[int], workers: 
             raise UsageError(f'--output {output}: {folder} is not empty (pass --overwrite to write into it)')
         os.makedirs(folder, exist_ok=True)
     tasks = [(osp.join(input_dir, n), output, tuple(scales)) for n in names]
+    load_imresize()  # once, before the workers fork, so that each need not import basicsr again
     with Pool(max(1, min(workers, len(tasks)))) as pool:
         for _ in tqdm(pool.imap_unordered(_make_one, tasks), total=len(tasks), unit='img', desc=osp.basename(output)):
             pass

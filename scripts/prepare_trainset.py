@@ -25,11 +25,10 @@ sys.path.insert(0, osp.dirname(SCRIPTS))  # the repository root, so a fresh clon
 sys.path.insert(0, SCRIPTS)
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from make_benchmark import UsageError, bicubic_downscale, common_multiple, list_images, modcrop, read_color  # noqa: E402
+from make_benchmark import (UsageError, bicubic_downscale, common_multiple, list_images, load_imresize,  # noqa: E402
+                            modcrop, read_color)
 from make_lmdb import write_lmdb  # noqa: E402
 
 
@@ -58,6 +57,8 @@ def lmdb_path(output: str, name: str, key) -> str:
 
 
 def _split_one(task: Tuple[str, dict, Tuple[int, ...], int, int, int, int]) -> int:
+    import torch  # here, in the workers: a bad argument should not wait seconds for torch to load
+
     path, folders, scales, crop, step, thresh, compress_level = task
     torch.set_num_threads(1)  # one image per process; threads would only fight over the cores
     multiple = common_multiple(scales)
@@ -102,6 +103,7 @@ def prepare(input_dir: str, output: str, name: str, scales: Sequence[int], crop:
 
     tasks = [(osp.join(input_dir, n), folders, tuple(scales), crop, step, thresh, compress_level) for n in names]
     count = 0
+    load_imresize()  # once, before the workers fork, so that each need not import basicsr again
     with Pool(max(1, min(workers, len(tasks)))) as pool:
         progress = tqdm(pool.imap_unordered(_split_one, tasks), total=len(tasks), unit='img', desc='sub-images')
         for made in progress:

@@ -30,7 +30,8 @@ METRICS = {'psnr': {'type': 'calculate_psnr', 'crop_border': SCALE, 'test_y_chan
 
 
 def run(args, cwd, timeout=240):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+    # One thread a process: the tensors are tiny, and a second thread stalls when the cores are busy.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f'{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
