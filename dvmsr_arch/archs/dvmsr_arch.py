@@ -13,6 +13,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
+from dvmsr_arch.ops.fused_triton import causal_conv1d_silu_tokens, layer_norm_tokens
+from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -24,6 +26,13 @@ def images_to_tokens(x: Tensor) -> Tensor:
 
 def tokens_to_images(tokens: Tensor, size: Tuple[int, int]) -> Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
+
+
+def layer_norm(norm: nn.LayerNorm, tokens: Tensor, fused: bool) -> Tensor:
+    """``norm(tokens)``; ``fused`` runs it as a Triton kernel (PyTorch's is slow on 60-wide rows)."""
+    if fused:
+        return layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
+    return norm(tokens)
 
 
 class DropPath(nn.Module):
@@ -87,8 +96,32 @@ class MambaMixer(nn.Module):
         return selective_scan(x, delta, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                               D.float(), z, dt_proj.bias.float(), delta_softplus=True, backend=backend)
 
+    def uses_triton(self, device: torch.device) -> bool:
+        return resolve_backend(self.scan_backend, device) == 'triton'
+
+    def _forward_triton(self, tokens: Tensor) -> Tensor:
+        """The same computation, token-major throughout: no transposes, no delta tensor.
+
+        Triton kernels for conv1d + SiLU and for the scan (which expands dt_proj itself); the
+        projections are single matmuls over (B*L, C) rows.
+        """
+        inner = self.in_proj.out_features // 2
+        xz = self.in_proj(tokens)  # (B, L, 2E)
+        x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
+        # (B, L, E) buffer less at the peak.
+        out = None if torch.is_grad_enabled() else xz[..., :inner].transpose(1, 2)
+        y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
+                                          -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                                          self.D.float(), xz[..., inner:].transpose(1, 2), self.dt_proj.bias.float(),
+                                          delta_softplus=True, out=out)
+        return self.out_proj(y.transpose(1, 2))
+
     def forward(self, tokens: Tensor) -> Tensor:
         backend = resolve_backend(self.scan_backend, tokens.device)
+        if backend == 'triton' and not self.bidirectional:
+            return self._forward_triton(tokens)
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
         y = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, backend)
         if self.bidirectional:
@@ -109,10 +142,11 @@ class ViMM(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = self.mixer.uses_triton(x.device)
         if self.residual:  # paper Eq. 4
-            return x + self.drop_path(self.mixer(self.norm(x)))
+            return x + self.drop_path(self.mixer(layer_norm(self.norm, x, fused)))
         # The released model: no skip, stochastic depth on the block input.
-        return self.mixer(self.norm(self.drop_path(x)))
+        return self.mixer(layer_norm(self.norm, self.drop_path(x), fused))
 
 
 class ViMMGroup(nn.Module):
@@ -148,8 +182,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(images_to_tokens(x))
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        return layer_norm(self.norm, images_to_tokens(x), fused)
 
 
 class Upsample(nn.Sequential):
@@ -210,6 +244,7 @@ class DVMSR(nn.Module):
             raise ValueError(f"dt_init={dt_init!r}: use 'released' or 'mamba'")
         check_backend_name(scan_backend)
         self.upscale, self.upsampler, self.img_range = upscale, upsampler, img_range
+        self.scan_backend = scan_backend
         self.register_buffer('mean', torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         dt_rank = dt_rank or math.ceil(embed_dim / 16)
         drop_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -255,23 +290,38 @@ class DVMSR(nn.Module):
         the body (after ``conv_after_body`` and the long skip), the input of the upsampler.
         """
         size = (x.shape[2], x.shape[3])
+        fused = resolve_backend(self.scan_backend, x.device) == 'triton'
         x = (x - self.mean) * self.img_range
         shallow = self.conv_first(x)
-        tokens = self.patch_embed(shallow)
+        tokens = self.patch_embed(shallow, fused)
         rssb = []
         for layer in self.layers:
             tokens = layer(tokens, size)
             rssb.append(tokens)
-        body = self.conv_after_body(tokens_to_images(self.norm_f(tokens), size)) + shallow
-        if self.upsampler == 'pixelshuffle':
-            out = self.conv_last(self.upsample(self.conv_before_upsample(body)))
+        body = self.conv_after_body(tokens_to_images(layer_norm(self.norm_f, tokens, fused), size)) + shallow
+        if _autocast_enabled(x.device.type):
+            # The last convolutions set the output pixels directly: under autocast they stay in fp32.
+            with torch.autocast(x.device.type, enabled=False):
+                out = self._reconstruct(body.float())
         else:
-            out = self.upsample(body)
+            out = self._reconstruct(body)
         out = out / self.img_range + self.mean
         return out, {'rssb': [tokens_to_images(t, size) for t in rssb], 'body': body}
 
+    def _reconstruct(self, body: Tensor) -> Tensor:
+        if self.upsampler == 'pixelshuffle':
+            return self.conv_last(self.upsample(self.conv_before_upsample(body)))
+        return self.upsample(body)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_features(x)[0]
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
 
 
 def _mamba_dt_init(dt_proj: nn.Linear, dt_rank: int, dt_min: float = 1e-3, dt_max: float = 0.1,

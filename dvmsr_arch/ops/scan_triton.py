@@ -1,12 +1,235 @@
-"""Triton backend: a fused, sequence-parallel selective scan for CUDA GPUs (not written yet)."""
-from typing import Optional
+"""Triton backend: a fused selective scan, parallel over sequence chunks as well as channels.
+
+One forward launch sequence does softplus(delta + bias), exp(delta A), delta B u, the scan with an
+fp32 state, the C contraction, + D u and the silu(z) gate; the backward pass (an autograd
+Function) gives the gradients of u, delta, A, B, C, D, z and delta_bias. See
+:mod:`dvmsr_arch.ops.scan_triton_kernels` for the algorithm.
+
+Triton runs on CUDA tensors; on the CPU only under its interpreter (``TRITON_INTERPRET=1`` set
+before triton is first imported), which the tests use. Kernel shapes are fixed (no autotuning) and
+the sequence length is a run-time argument, so a new image size compiles nothing new.
+"""
+import importlib.util
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Kernel shape: ``tile`` tokens per register block, ``block_e`` channels per program,
+    ``tiles_per_chunk`` tiles per sequence chunk (one program each), ``num_warps`` per program.
+    ``sequential``: the forward kernels step through a tile token by token (state (E, N) in
+    registers) instead of scanning it as a (T, E, N) block; the backward pass ignores it."""
+    tile: int = 16
+    block_e: int = 32
+    tiles_per_chunk: int = 16
+    num_warps: int = 4
+    sequential: bool = False
+
+
+# Chosen on an H100 (docs/performance.md). Under autograd the forward pass runs with the
+# backward's tile, because the backward restarts from the states saved at every tile start.
+FORWARD_CONFIG = ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=1, sequential=True)
+BACKWARD_CONFIG = ScanConfig(tile=8, block_e=16, tiles_per_chunk=32, num_warps=4)
+CARRY_BLOCK_CHUNKS = 32
+CARRY_BLOCK_STATES = 128
+
+
+def set_configs(forward: Optional[ScanConfig] = None, backward: Optional[ScanConfig] = None) -> None:
+    """Replace the kernel shapes (the benchmark compares several)."""
+    global FORWARD_CONFIG, BACKWARD_CONFIG
+    FORWARD_CONFIG = forward or FORWARD_CONFIG
+    BACKWARD_CONFIG = backward or BACKWARD_CONFIG
 
 
 def why_unavailable(device: torch.device) -> Optional[str]:
-    return 'the triton backend is not implemented yet'
+    device = torch.device(device)
+    interpreted = os.environ.get('TRITON_INTERPRET') == '1'
+    if device.type != 'cuda' and not (device.type == 'cpu' and interpreted):
+        return (f'triton kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), '
+                f'these are on {device.type}')
+    if importlib.util.find_spec('triton') is None:
+        return 'triton is not installed (it comes with the CUDA builds of torch)'
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        return 'CUDA is not available'
+    return None
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    raise NotImplementedError(why_unavailable(u.device))
+def _kernels():
+    from . import scan_triton_kernels  # imported late: TRITON_INTERPRET must be set before triton loads
+    return scan_triton_kernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float().contiguous()
+
+
+def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
+                  D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
+                  out: Optional[Tensor], save_states: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    k = _kernels()
+    cfg = FORWARD_CONFIG
+    if save_states and cfg.tile != BACKWARD_CONFIG.tile:
+        chunk = cfg.tile * cfg.tiles_per_chunk
+        cfg = replace(cfg, tile=BACKWARD_CONFIG.tile, tiles_per_chunk=max(1, chunk // BACKWARD_CONFIG.tile))
+    batch, inner, length = u.shape
+    state = A.shape[1]
+    chunk = cfg.tile * cfg.tiles_per_chunk
+    n_chunks, n_tiles = _cdiv(length, chunk), _cdiv(length, cfg.tile)
+    grid = (n_chunks, _cdiv(inner, cfg.block_e), batch)
+    rank = 0 if dt_weight is None else dt_weight.shape[1]
+    if out is None:
+        # Token-major output when the input is token-major: the out projection reads it as is.
+        out = (torch.empty(batch, length, inner, device=u.device, dtype=u.dtype).transpose(1, 2)
+               if u.stride(1) == 1 else torch.empty_like(u, memory_format=torch.contiguous_format))
+    shapes = dict(T=cfg.tile, BLOCK_E=cfg.block_e, BLOCK_N=_pow2(state), DT_RANK=rank, HAS_BIAS=delta_bias is not None,
+                  SOFTPLUS=softplus, num_warps=cfg.num_warps)
+    if cfg.sequential:
+        shapes['RANK_PAD'] = _pow2(max(rank, 1))
+    f32 = dict(device=u.device, dtype=torch.float32)
+    # The kernels keep every (E, N) array as (N, E) in memory and dt_proj's weight as (R, E): a
+    # lane-per-channel kernel then reads consecutive channels.
+    A = A.t().contiguous()
+    any_t = A  # stands in for absent optional tensors; never read
+    w = dt_weight.t().contiguous() if dt_weight is not None else any_t
+    bias = delta_bias if delta_bias is not None else any_t
+
+    carry_in = any_t
+    if n_chunks > 1:
+        decay, end_state = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
+        summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
+        summary[grid](u, delta, w, bias, A, B, decay, end_state, length, inner, state, n_chunks,
+                      cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), **shapes)
+        carry_in = torch.empty(batch, n_chunks, inner, state, **f32)
+        k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
+            decay, end_state, carry_in, n_chunks, inner * state, REVERSE=False, BLOCK_C=CARRY_BLOCK_CHUNKS,
+            BLOCK_S=CARRY_BLOCK_STATES)
+    states = torch.empty(batch, n_tiles, inner, state, **f32) if save_states else None
+    output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
+    output[grid](u, delta, w, bias, A, B, C, D if D is not None else any_t, z if z is not None else u, out, carry_in,
+                 states if states is not None else any_t, length, inner, state, n_chunks, n_tiles, cfg.tiles_per_chunk,
+                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
+                 *out.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_CARRY=n_chunks > 1,
+                 SAVE_STATES=save_states, **shapes)
+    return out, states
+
+
+def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor,
+                   C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
+                   states: Tensor):
+    """Gradients (fp32) of u, delta (the raw pre-bias delta, or dt and dt_weight), A, B, C, D, z, bias."""
+    k = _kernels()
+    cfg = BACKWARD_CONFIG
+    batch, inner, length = u.shape
+    state = A.shape[1]
+    chunk = cfg.tile * cfg.tiles_per_chunk
+    n_chunks, n_tiles, n_eblk = _cdiv(length, chunk), _cdiv(length, cfg.tile), _cdiv(inner, cfg.block_e)
+    grid = (n_chunks, n_eblk, batch)
+    rank = 0 if dt_weight is None else dt_weight.shape[1]
+    shapes = dict(T=cfg.tile, BLOCK_E=cfg.block_e, BLOCK_N=_pow2(state), DT_RANK=rank, HAS_BIAS=delta_bias is not None,
+                  SOFTPLUS=softplus, num_warps=cfg.num_warps)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    A = A.t().contiguous()
+    any_t = A
+    w = dt_weight.t().contiguous() if dt_weight is not None else any_t
+    bias = delta_bias if delta_bias is not None else any_t
+    z_or_u = z if z is not None else u
+
+    carry = any_t
+    if n_chunks > 1:
+        decay, handed = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
+        k._bwd_chunk_summary[grid](delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
+                                   cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
+                                   HAS_Z=z is not None, **shapes)
+        carry = torch.empty(batch, n_chunks, inner, state, **f32)
+        k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
+            decay, handed, carry, n_chunks, inner * state, REVERSE=True, BLOCK_C=CARRY_BLOCK_CHUNKS,
+            BLOCK_S=CARRY_BLOCK_STATES)
+
+    # Token-major (batch, L, E) buffers seen as (batch, E, L).
+    du, ddelta, dz = (torch.empty(batch, length, inner, **f32).transpose(1, 2) for _ in range(3))
+    dB_part, dC_part = (torch.empty(n_eblk, batch, length, state, **f32) for _ in range(2))
+    dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
+    dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
+    k._bwd_chunk_grads[grid](u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
+                             ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch,
+                             n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
+                             *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None,
+                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes)
+    dB = dB_part.sum(0).transpose(1, 2)
+    dC = dC_part.sum(0).transpose(1, 2)
+    dA = dA_part.sum((0, 1)).t()
+    dD = dD_part.sum((0, 1)) if D is not None else None
+    dbias = dbias_part.sum((0, 1)) if delta_bias is not None else None
+    if dt_weight is None:
+        return du, ddelta, None, dA, dB, dC, dD, (dz if z is not None else None), dbias
+    # delta_raw = dt^T W^T per token: (batch, L, E) = (batch, L, R) @ (R, E).
+    dd_tokens = ddelta.transpose(1, 2)
+    dt_tokens = delta.transpose(1, 2).float()
+    d_dt = (dd_tokens @ dt_weight.float()).transpose(1, 2)
+    d_weight = dd_tokens.reshape(-1, inner).t() @ dt_tokens.reshape(-1, rank)
+    return du, d_dt, d_weight, dA, dB, dC, dD, (dz if z is not None else None), dbias
+
+
+class _SelectiveScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus):
+        y, states = _scan_forward(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, None, save_states=True)
+        ctx.softplus = softplus
+        ctx.save_for_backward(u, delta, dt_weight, A, B, C, D, z, delta_bias, states)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, dt_weight, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        grads = _scan_backward(dy, u, delta, dt_weight, A, B, C, D, z, delta_bias, ctx.softplus, states)
+        inputs = (u, delta, dt_weight, A, B, C, D, z, delta_bias)
+        out = [None if g is None or not need else g.to(x.dtype)
+               for g, x, need in zip(grads, inputs, ctx.needs_input_grad)]
+        return (*out, None)
+
+
+def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out):
+    if u.device.type == 'cuda' and u.device.index != torch.cuda.current_device():
+        torch.cuda.set_device(u.device)  # triton launches on the current device
+    A, D, delta_bias = _f32(A), _f32(D), _f32(delta_bias)
+    if dt_weight is not None:
+        dt_weight = dt_weight.contiguous()
+    tensors = (u, delta, dt_weight, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if out is not None:
+            raise ValueError('out= cannot be used while autograd records the scan')
+        return _SelectiveScan.apply(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus)
+    return _scan_forward(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, save_states=False)[0]
+
+
+def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                          z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                          delta_softplus: bool = False) -> Tensor:
+    """Same contract as :func:`dvmsr_arch.ops.scan_ref.selective_scan_ref`; any strides."""
+    return _run(u, delta, None, A, B, C, D, z, delta_bias, delta_softplus, None)
+
+
+def selective_scan_lowrank_triton(u: Tensor, dt: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                  D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                                  delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                                  out: Optional[Tensor] = None) -> Tensor:
+    """The scan with delta = dt_weight @ dt given by its factors, as Mamba's dt_proj makes it.
+
+    dt: (batch, R, L); dt_weight: (E, R). The (batch, E, L) delta is formed inside the kernels only.
+    ``out`` (batch, E, L), any strides, receives y when autograd is not recording.
+    """
+    return _run(u, dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, out)

@@ -1,0 +1,121 @@
+"""Triton LayerNorm and causal Conv1d + SiLU for token-major activations, with autograd.
+
+PyTorch's LayerNorm kernel is slow on rows of 60 channels, and its Conv1d wants (batch, E, L)
+contiguous input, which costs a transpose and a padded copy per call. These kernels read and write
+(batch, L, C) directly. CUDA only (or the CPU under ``TRITON_INTERPRET=1``), like the scan kernels.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LN_BLOCK_ROWS = 32
+CONV_BLOCK_L = 64
+CONV_BLOCK_E = 32
+
+
+def _kernels():
+    from . import fused_triton_kernels  # imported late: TRITON_INTERPRET must be set before triton loads
+    return fused_triton_kernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, save_stats: bool):
+    batch, length, channels = x.shape
+    rows = batch * length
+    y = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
+    stats = [torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2)] if save_stats else [y, y]
+    _kernels()._layer_norm_fwd[(_cdiv(rows, LN_BLOCK_ROWS),)](
+        x, weight, bias, y, stats[0], stats[1], rows, length, channels, *x.stride(), *y.stride(), eps,
+        BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(channels), SAVE_STATS=save_stats)
+    return y, stats
+
+
+class _LayerNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, (mean, rstd) = _layer_norm_forward(x, weight, bias, eps, save_stats=True)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        batch, length, channels = x.shape
+        rows = batch * length
+        programs = _cdiv(rows, LN_BLOCK_ROWS)
+        dx = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
+        dw_part, db_part = (torch.empty(programs, channels, device=x.device, dtype=torch.float32) for _ in range(2))
+        _kernels()._layer_norm_bwd[(programs,)](x, weight, dy, mean, rstd, dx, dw_part, db_part, rows, length, channels,
+                                                *x.stride(), *dy.stride(), BLOCK_R=LN_BLOCK_ROWS,
+                                                BLOCK_C=_pow2(channels))
+        return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None
+
+
+def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last axis of (batch, L, C), any strides; returns a contiguous tensor."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _LayerNorm.apply(x, weight, bias, eps)
+    return _layer_norm_forward(x, weight, bias, eps, save_stats=False)[0]
+
+
+def _conv_grid(batch: int, length: int, inner: int):
+    return (_cdiv(length, CONV_BLOCK_L), _cdiv(inner, CONV_BLOCK_E), batch)
+
+
+class _CausalConvSilu(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return _causal_conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        batch, length, inner = x.shape
+        kernel = weight.shape[-1]
+        grid = _conv_grid(batch, length, inner)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        gpre = torch.empty(batch, length, inner, **f32)
+        dw_part = torch.empty(batch * grid[0], inner, kernel, **f32)
+        db_part = torch.empty(batch * grid[0], inner, **f32)
+        k = _kernels()
+        k._causal_conv_silu_bwd_pre[grid](x, weight, bias if bias is not None else weight, dy, gpre, dw_part, db_part,
+                                          length, inner, grid[0], *x.stride(), *dy.stride(), K=kernel,
+                                          BLOCK_L=CONV_BLOCK_L, BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
+        dx = torch.empty(batch, length, inner, **f32)
+        k._causal_conv_bwd_dx[grid](gpre, weight, dx, length, inner, K=kernel, BLOCK_L=CONV_BLOCK_L,
+                                    BLOCK_E=CONV_BLOCK_E)
+        dweight = dw_part.sum(0).view_as(weight).to(weight.dtype)
+        dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return dx.to(x.dtype), dweight, dbias
+
+
+def _causal_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    batch, length, inner = x.shape
+    y = torch.empty(batch, length, inner, device=x.device, dtype=x.dtype)
+    _kernels()._causal_conv_silu_fwd[_conv_grid(batch, length, inner)](
+        x, weight, bias if bias is not None else weight, y, length, inner, *x.stride(), *y.stride(),
+        K=weight.shape[-1], BLOCK_L=CONV_BLOCK_L, BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
+    return y
+
+
+def causal_conv1d_silu_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """silu(depthwise causal Conv1d) of token-major x (batch, L, E), any strides; weight (E, 1, K).
+
+    Returns a contiguous (batch, L, E) tensor.
+    """
+    weight = weight.contiguous()
+    tensors = (x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _CausalConvSilu.apply(x, weight, bias)
+    return _causal_conv_forward(x, weight, bias)

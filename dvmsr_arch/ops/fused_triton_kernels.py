@@ -1,0 +1,132 @@
+"""Triton kernels around the scan: LayerNorm over token rows and the causal depthwise Conv1d + SiLU.
+
+Both work on token-major (batch, L, C) tensors of any strides, so the network never transposes
+its activations. Imported only when the ``triton`` backend runs (see ``scan_triton_kernels``).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_yb'])
+def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
+                    eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATS: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    r_mask = r < rows
+    c_mask = c < C
+    mask = r_mask[:, None] & c_mask[None, :]
+    rb = (r // L).to(tl.int64)
+    rl = r % L
+    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / C
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE_STATS:
+        tl.store(mean_ptr + r, mean, mask=r_mask)
+        tl.store(rstd_ptr + r, rstd, mask=r_mask)
+
+
+@triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_gb'])
+def _layer_norm_bwd(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, rows, L, C, s_xb, s_xl, s_xc,
+                    s_gb, s_gl, s_gc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx (rows, C) contiguous; dw, db: one partial row per program."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    r_mask = r < rows
+    c_mask = c < C
+    mask = r_mask[:, None] & c_mask[None, :]
+    rb = (r // L).to(tl.int64)
+    rl = r % L
+    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + (rb * s_gb + rl * s_gl)[:, None] + c[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + r, mask=r_mask, other=0.0)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    wdy = dy * w[None, :]
+    dx = (wdy - xhat * (tl.sum(xhat * wdy, 1) / C)[:, None] - (tl.sum(wdy, 1) / C)[:, None]) * rstd[:, None]
+    tl.store(dx_ptr + r.to(tl.int64)[:, None] * C + c[None, :], dx, mask=mask)
+    tl.store(dw_ptr + pid * C + c, tl.sum(dy * xhat, 0), mask=c_mask)
+    tl.store(db_ptr + pid * C + c, tl.sum(dy, 0), mask=c_mask)
+
+
+@triton.jit(do_not_specialize=['L', 's_xb', 's_yb'])
+def _causal_conv_silu_fwd(x_ptr, w_ptr, b_ptr, y_ptr, L, E, s_xb, s_xl, s_xe, s_yb, s_yl, s_ye, K: tl.constexpr,
+                          BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y_t = silu(bias + sum_k w_k x_{t-K+1+k}) per channel, x_t = 0 before the sequence."""
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e_mask = e < E
+    if HAS_BIAS:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32) + tl.load(b_ptr + e, mask=e_mask, other=0.0)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
+                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+        acc += xv * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    y = acc * _sigmoid(acc)
+    tl.store(y_ptr + pid_b * s_yb + t[:, None] * s_yl + e[None, :] * s_ye, y.to(y_ptr.dtype.element_ty),
+             mask=(t < L)[:, None] & e_mask[None, :])
+
+
+@triton.jit(do_not_specialize=['L', 's_xb', 's_gb'])
+def _causal_conv_silu_bwd_pre(x_ptr, w_ptr, b_ptr, dy_ptr, gpre_ptr, dw_ptr, db_ptr, L, E, n_lblk, s_xb, s_xl, s_xe,
+                              s_gb, s_gl, s_ge, K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
+                              HAS_BIAS: tl.constexpr):
+    """gpre = dy * silu'(pre-activation), (batch, L, E) contiguous; dw (.., E, K), db: per-program partials."""
+    pid_l = tl.program_id(0)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e_mask = e < E
+    te_mask = (t < L)[:, None] & e_mask[None, :]
+    if HAS_BIAS:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32) + tl.load(b_ptr + e, mask=e_mask, other=0.0)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
+                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+        acc += xv * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    dy = tl.load(dy_ptr + pid_b * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=te_mask, other=0.0).to(tl.float32)
+    sig = _sigmoid(acc)
+    gpre = tl.where(te_mask, dy * sig * (1.0 + acc * (1.0 - sig)), 0.0)
+    tl.store(gpre_ptr + (pid_b * L + t[:, None]) * E + e[None, :], gpre, mask=te_mask)
+    prog = pid_b * n_lblk + pid_l
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
+                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+        tl.store(dw_ptr + (prog * E + e) * K + k, tl.sum(gpre * xv, 0), mask=e_mask)
+    tl.store(db_ptr + prog * E + e, tl.sum(gpre, 0), mask=e_mask)
+
+
+@triton.jit(do_not_specialize=['L'])
+def _causal_conv_bwd_dx(gpre_ptr, w_ptr, dx_ptr, L, E, K: tl.constexpr, BLOCK_L: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """dx_s = sum_k w_k gpre_{s+K-1-k}; gpre and dx (batch, L, E) contiguous."""
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e_mask = e < E
+    acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
+    for k in tl.static_range(K):
+        dst = t + (K - 1) - k
+        g = tl.load(gpre_ptr + (pid_b * L + dst[:, None]) * E + e[None, :], mask=(dst < L)[:, None] & e_mask[None, :],
+                    other=0.0)
+        acc += g * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(dx_ptr + (pid_b * L + t[:, None]) * E + e[None, :], acc, mask=(t < L)[:, None] & e_mask[None, :])

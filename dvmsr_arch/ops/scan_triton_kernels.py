@@ -1,0 +1,489 @@
+"""Triton kernels of the selective scan: a chunked scan, parallel over tokens as well as channels.
+
+Imported only when the ``triton`` backend runs, so that ``TRITON_INTERPRET`` can still be set
+before triton is first imported.
+
+The recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(delta_t A), b_t = delta_t u_t B_t) is linear,
+so a stretch of tokens acts on the state as one affine map. The sequence is cut into chunks of
+``tiles`` tiles of ``T`` tokens; each program owns one (batch, channel block, chunk):
+
+forward   1. ``_fwd_chunk_summary``: each chunk's map from a zero start (decay product P, end state H).
+          2. ``_chunk_carry``: a scan over the chunk maps gives the state entering each chunk.
+          3. ``_fwd_chunk_output``: each chunk again from its true start; y = C.h + D u, gated by
+             silu(z). Under autograd it also stores the state entering every tile.
+backward  1. ``_bwd_chunk_summary``: each chunk's adjoint contribution from a zero end.
+          2. ``_chunk_carry`` in reverse: the adjoint entering each chunk from the right.
+          3. ``_bwd_chunk_grads``: per tile, recompute the states, scan the adjoint backwards, and
+             form every gradient (per-program partial sums where several programs meet).
+
+Within a tile every quantity is a (T, E, N) register block and the scans are
+``tl.associative_scan`` over the token axis. The state is fp32 whatever the input dtype, and only
+decay factors in (0, 1] are formed, so nothing overflows on long sequences.
+
+``delta`` is either a full (batch, E, L) tensor or, with ``DT_RANK > 0``, the low-rank factor
+dt (batch, R, L) of Mamba's delta projection, expanded inside the kernels as dt @ W^T: the
+(batch, E, L) delta then never exists in memory.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _affine_combine(a_left, b_left, a_right, b_right):
+    # Two affine maps x -> a x + b applied one after the other (left first).
+    return a_left * a_right, b_left * a_right + b_right
+
+
+@triton.jit
+def _softplus(x):
+    # torch.nn.functional.softplus with its threshold of 20.
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _load_delta(delta_ptr, s_db, s_de, s_dl, w_ptr, bias_ptr, base_b, t, t_mask, e, e_mask, E, T: tl.constexpr,
+                BLOCK_E: tl.constexpr, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw, delta) for tokens ``t`` x channels ``e``, fp32; delta is 0 outside the masks."""
+    mask = t_mask[:, None] & e_mask[None, :]
+    if DT_RANK == 0:
+        raw = tl.load(delta_ptr + base_b * s_db + e[None, :] * s_de + t[:, None] * s_dl, mask=mask,
+                      other=0.0).to(tl.float32)
+    else:
+        # s_de is the stride over the rank dimension of dt here.
+        raw = tl.zeros([T, BLOCK_E], dtype=tl.float32)
+        for r in tl.static_range(DT_RANK):
+            dt_r = tl.load(delta_ptr + base_b * s_db + r * s_de + t * s_dl, mask=t_mask, other=0.0).to(tl.float32)
+            w_r = tl.load(w_ptr + r * E + e, mask=e_mask, other=0.0).to(tl.float32)
+            raw += dt_r[:, None] * w_r[None, :]
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        delta = _softplus(raw)
+    else:
+        delta = raw
+    return raw, tl.where(mask, delta, 0.0)
+
+
+@triton.jit(do_not_specialize=['L', 'n_chunks', 'tiles', 's_ub', 's_db', 's_Bb'])
+def _fwd_chunk_summary(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_ptr, H_ptr, L, E, N, n_chunks, tiles,
+                       s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SOFTPLUS: tl.constexpr):
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    A2 = tl.load(A_ptr + n[None, :] * E + e[:, None], mask=en_mask, other=0.0).to(tl.float32) * LOG2E
+
+    h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    total = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for k in range(tiles):
+        t = (pid_c * tiles + k) * T + tl.arange(0, T)
+        t_mask = t < L
+        _, delta = _load_delta(delta_ptr, s_db, s_de, s_dl, w_ptr, bias_ptr, pid_b, t, t_mask, e, e_mask, E, T, BLOCK_E,
+                               DT_RANK, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + pid_b * s_ub + e[None, :] * s_ue + t[:, None] * s_ul,
+                    mask=t_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + n[None, :] * s_Bn + t[:, None] * s_Bl,
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        # The tile's end state from a zero start, as one sum: token t's input decays by
+        # exp(A * (delta_{t+1} + ... + delta_{T-1})) before the end.
+        rest = tl.sum(delta, 0)[None, :] - tl.cumsum(delta, 0)
+        decay_to_end = tl.exp2(rest[:, :, None] * A2[None, :, :])
+        drive = (delta * u)[:, :, None] * Bt[:, None, :]
+        tile_total = tl.sum(delta, 0)
+        h = tl.exp2(tile_total[:, None] * A2) * h + tl.sum(decay_to_end * drive, 0)
+        total += tile_total
+
+    offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
+    tl.store(P_ptr + offs, tl.exp2(total[:, None] * A2), mask=en_mask)
+    tl.store(H_ptr + offs, h, mask=en_mask)
+
+
+@triton.jit(do_not_specialize=['n_chunks'])
+def _chunk_carry(P_ptr, G_ptr, out_ptr, n_chunks, S, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """out[c] = the carry entering chunk c: x_next = P[c] * x + G[c], from x = 0 at the first chunk.
+
+    Forward: chunks in order. REVERSE: from the last chunk down, for the adjoint.
+    Layout (batch, n_chunks, S) for all three; S = E * N.
+    """
+    pid_s = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s < S
+    base = pid_b * n_chunks * S
+    if REVERSE:
+        first = n_chunks - 1
+    else:
+        first = 0
+    tl.store(out_ptr + base + first * S + s, tl.zeros([BLOCK_S], dtype=tl.float32), mask=s_mask)
+    step = tl.arange(0, BLOCK_C)
+    carry = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for j0 in range(0, n_chunks, BLOCK_C):
+        j = j0 + step  # position in processing order
+        if REVERSE:
+            c = n_chunks - 1 - j
+            c_next = c - 1
+        else:
+            c = j
+            c_next = c + 1
+        mask = (j < n_chunks)[:, None] & s_mask[None, :]
+        offs = base + c[:, None].to(tl.int64) * S + s[None, :]
+        p = tl.load(P_ptr + offs, mask=mask, other=1.0)
+        g = tl.load(G_ptr + offs, mask=mask, other=0.0)
+        g = tl.where((step == 0)[:, None], g + p * carry[None, :], g)
+        _, x = tl.associative_scan((p, g), 0, _affine_combine)
+        # x[j] is what chunk j hands to the next one in processing order.
+        tl.store(out_ptr + base + c_next[:, None].to(tl.int64) * S + s[None, :], x,
+                 mask=((j + 1) < n_chunks)[:, None] & s_mask[None, :])
+        carry = tl.sum(tl.where((step == BLOCK_C - 1)[:, None], x, 0.0), 0)
+
+
+@triton.jit(do_not_specialize=['L', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_db', 's_Bb', 's_Cb', 's_zb', 's_yb'])
+def _fwd_chunk_output(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, Hin_ptr,
+                      states_ptr, L, E, N, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
+                      s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, T: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_CARRY: tl.constexpr,
+                      SAVE_STATES: tl.constexpr):
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    en_offs = n[None, :] * E + e[:, None]
+    A2 = tl.load(A_ptr + en_offs, mask=en_mask, other=0.0).to(tl.float32) * LOG2E
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    if HAS_CARRY:
+        h = tl.load(Hin_ptr + (pid_b * n_chunks + pid_c) * E * N + en_offs, mask=en_mask, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    row = tl.arange(0, T)
+    for k in range(tiles):
+        tile = pid_c * tiles + k
+        if SAVE_STATES:
+            tl.store(states_ptr + (pid_b * n_tiles + tile) * E * N + en_offs, h, mask=en_mask & (tile < n_tiles))
+        t = tile * T + row
+        t_mask = t < L
+        te_mask = t_mask[:, None] & e_mask[None, :]
+        _, delta = _load_delta(delta_ptr, s_db, s_de, s_dl, w_ptr, bias_ptr, pid_b, t, t_mask, e, e_mask, E, T, BLOCK_E,
+                               DT_RANK, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + pid_b * s_ub + e[None, :] * s_ue + t[:, None] * s_ul, mask=te_mask,
+                    other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + n[None, :] * s_Bn + t[:, None] * s_Bl,
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + n[None, :] * s_Cn + t[:, None] * s_Cl,
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        decay = tl.exp2(delta[:, :, None] * A2[None, :, :])
+        drive = (delta * u)[:, :, None] * Bt[:, None, :]
+        drive = tl.where((row == 0)[:, None, None], drive + decay * h[None, :, :], drive)
+        _, states = tl.associative_scan((decay, drive), 0, _affine_combine)
+        y = tl.sum(states * Ct[:, None, :], 2)
+        if HAS_D:
+            y += u * D[None, :]
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * s_zb + e[None, :] * s_ze + t[:, None] * s_zl, mask=te_mask,
+                        other=0.0).to(tl.float32)
+            y *= z * _sigmoid(z)
+        tl.store(y_ptr + pid_b * s_yb + e[None, :] * s_ye + t[:, None] * s_yl, y.to(y_ptr.dtype.element_ty),
+                 mask=te_mask)
+        h = tl.sum(tl.where((row == T - 1)[:, None, None], states, 0.0), 0)
+
+
+@triton.jit(do_not_specialize=['L', 'n_chunks', 'tiles', 's_db', 's_Cb', 's_zb', 's_gb'])
+def _bwd_chunk_summary(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy_ptr, P_ptr, G_ptr, L, E, N, n_chunks, tiles,
+                       s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, T: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
+    """G[c] = what chunk c hands to the chunk before it, a_first * lambda_first, from a zero end;
+    P[c] = the chunk's decay product.
+
+    lambda_t = q_t + a_{t+1} lambda_{t+1} with q_t = (dy_t silu(z_t)) C_t, so
+    a_first lambda_first = sum_t exp(A (delta_first + ... + delta_t)) q_t.
+    """
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    A2 = tl.load(A_ptr + n[None, :] * E + e[:, None], mask=en_mask, other=0.0).to(tl.float32) * LOG2E
+    g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    before = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for k in range(tiles):
+        t = (pid_c * tiles + k) * T + tl.arange(0, T)
+        t_mask = t < L
+        te_mask = t_mask[:, None] & e_mask[None, :]
+        _, delta = _load_delta(delta_ptr, s_db, s_de, s_dl, w_ptr, bias_ptr, pid_b, t, t_mask, e, e_mask, E, T, BLOCK_E,
+                               DT_RANK, HAS_BIAS, SOFTPLUS)
+        gy = tl.load(dy_ptr + pid_b * s_gb + e[None, :] * s_ge + t[:, None] * s_gl, mask=te_mask,
+                     other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * s_zb + e[None, :] * s_ze + t[:, None] * s_zl, mask=te_mask,
+                        other=0.0).to(tl.float32)
+            gy *= z * _sigmoid(z)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + n[None, :] * s_Cn + t[:, None] * s_Cl,
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        decay_from_start = tl.exp2((before[None, :] + tl.cumsum(delta, 0))[:, :, None] * A2[None, :, :])
+        g += tl.sum(decay_from_start * gy[:, :, None] * Ct[:, None, :], 0)
+        before += tl.sum(delta, 0)
+    offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
+    tl.store(P_ptr + offs, tl.exp2(before[:, None] * A2), mask=en_mask)
+    tl.store(G_ptr + offs, g, mask=en_mask)
+
+
+@triton.jit(do_not_specialize=['L', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_db', 's_Bb', 's_Cb', 's_zb', 's_gb',
+                               's_xb'])
+def _bwd_chunk_grads(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, states_ptr,
+                     MU_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, L, E, N, batch,
+                     n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+                     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, T: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_CARRY: tl.constexpr):
+    """All gradients of one chunk, tiles last to first.
+
+    du, ddelta (of the raw delta, before bias and softplus) and dz share the layout strides s_x*.
+    dB, dC: one (batch, L, N) slice per channel block, summed afterwards. dA, dD, dbias: one
+    partial sum per program, laid out (batch, n_chunks, E[, N]).
+    """
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    en_offs = n[None, :] * E + e[:, None]
+    A = tl.load(A_ptr + en_offs, mask=en_mask, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    if HAS_CARRY:
+        mu = tl.load(MU_ptr + (pid_b * n_chunks + pid_c) * E * N + en_offs, mask=en_mask, other=0.0)
+    else:
+        mu = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    row = tl.arange(0, T)
+    partial_base = (pid_e * batch + pid_b) * L
+    for kk in range(tiles):
+        tile = pid_c * tiles + (tiles - 1 - kk)
+        t = tile * T + row
+        t_mask = t < L
+        te_mask = t_mask[:, None] & e_mask[None, :]
+        tn_mask = t_mask[:, None] & n_mask[None, :]
+        h0 = tl.load(states_ptr + (pid_b * n_tiles + tile) * E * N + en_offs, mask=en_mask & (tile < n_tiles),
+                     other=0.0)
+        raw, delta = _load_delta(delta_ptr, s_db, s_de, s_dl, w_ptr, bias_ptr, pid_b, t, t_mask, e, e_mask, E, T,
+                                 BLOCK_E, DT_RANK, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + pid_b * s_ub + e[None, :] * s_ue + t[:, None] * s_ul, mask=te_mask,
+                    other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + n[None, :] * s_Bn + t[:, None] * s_Bl, mask=tn_mask,
+                     other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + n[None, :] * s_Cn + t[:, None] * s_Cl, mask=tn_mask,
+                     other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + pid_b * s_gb + e[None, :] * s_ge + t[:, None] * s_gl, mask=te_mask,
+                     other=0.0).to(tl.float32)
+
+        # The forward states of this tile again, from the state saved at its start.
+        decay = tl.exp2(delta[:, :, None] * A2[None, :, :])
+        drive = (delta * u)[:, :, None] * Bt[:, None, :]
+        _, states = tl.associative_scan(
+            (decay, tl.where((row == 0)[:, None, None], drive + decay * h0[None, :, :], drive)), 0, _affine_combine)
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * s_zb + e[None, :] * s_ze + t[:, None] * s_zl, mask=te_mask,
+                        other=0.0).to(tl.float32)
+            sig = _sigmoid(z)
+            y = tl.sum(states * Ct[:, None, :], 2)
+            if HAS_D:
+                y += u * D[None, :]
+            dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+            tl.store(dz_ptr + pid_b * s_xb + e[None, :] * s_xe + t[:, None] * s_xl, dz, mask=te_mask)
+            gy = dy * z * sig
+        else:
+            gy = dy
+
+        # The adjoint lambda_t = q_t + a_{t+1} lambda_{t+1}, scanned from the tile's end, where the
+        # next tile's a_first lambda_first (mu) comes in. a_{t+1} is recomputed from delta_{t+1}.
+        t_next = t + 1
+        _, delta_next = _load_delta(delta_ptr, s_db, s_de, s_dl, w_ptr, bias_ptr, pid_b, t_next,
+                                    (t_next < L) & (row < T - 1), e, e_mask, E, T, BLOCK_E, DT_RANK, HAS_BIAS, SOFTPLUS)
+        decay_next = tl.exp2(delta_next[:, :, None] * A2[None, :, :])
+        q = gy[:, :, None] * Ct[:, None, :]
+        q = tl.where((row == T - 1)[:, None, None], q + mu[None, :, :], q)
+        _, lam = tl.associative_scan((decay_next, q), 0, _affine_combine, reverse=True)
+
+        lam_B = tl.sum(lam * Bt[:, None, :], 2)
+        # a_t h_{t-1} = h_t - b_t: the state before the step, already decayed.
+        lam_prev = lam * (states - drive)
+        ddelta = u * lam_B + tl.sum(lam_prev * A[None, :, :], 2)
+        du = delta * lam_B
+        if HAS_D:
+            du += gy * D[None, :]
+            dD_acc += tl.sum(gy * u, 0)
+        if SOFTPLUS:
+            ddelta = ddelta * _sigmoid(raw)
+        ddelta = tl.where(te_mask, ddelta, 0.0)
+        dbias_acc += tl.sum(ddelta, 0)
+        dA_acc += tl.sum(lam_prev * delta[:, :, None], 0)
+        x_offs = pid_b * s_xb + e[None, :] * s_xe + t[:, None] * s_xl
+        tl.store(du_ptr + x_offs, du, mask=te_mask)
+        tl.store(ddelta_ptr + x_offs, ddelta, mask=te_mask)
+        tn_offs = (partial_base + t[:, None]) * N + n[None, :]
+        tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, :, None], 1), mask=tn_mask)
+        tl.store(dC_ptr + tn_offs, tl.sum(states * gy[:, :, None], 1), mask=tn_mask)
+        mu = tl.sum(tl.where((row == 0)[:, None, None], decay * lam, 0.0), 0)
+
+    prog = pid_b * n_chunks + pid_c
+    tl.store(dA_ptr + prog * E * N + en_offs, dA_acc, mask=en_mask)
+    tl.store(dD_ptr + prog * E + e, dD_acc, mask=e_mask)
+    tl.store(dbias_ptr + prog * E + e, dbias_acc, mask=e_mask)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Lane-per-channel forward kernels: each thread owns one channel and its N states, and steps
+# through the tokens one by one (unrolled by T). Reductions over N stay inside the thread and no
+# data crosses lanes, so a token costs N exp2 and a few FMAs per channel, no shuffles. Strides
+# and E are not specialised on purpose: a provably aligned stride would let triton vectorise the
+# per-token channel loads, whose layout would then no longer match the state's.
+
+@triton.jit
+def _delta_row(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, e, e_mask, W, bias, DT_RANK: tl.constexpr,
+               RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta of token ``t`` for channels ``e`` (fp32, 0 where masked); W is dt_proj as (RANK_PAD, E)."""
+    mask = e_mask & valid
+    if DT_RANK == 0:
+        raw = tl.load(delta_ptr + base_b * s_db + e * s_de + t * s_dl, mask=mask, other=0.0).to(tl.float32)
+    else:
+        r = tl.arange(0, RANK_PAD)
+        dt = tl.load(delta_ptr + base_b * s_db + r * s_de + t * s_dl, mask=(r < DT_RANK) & valid,
+                     other=0.0).to(tl.float32)
+        raw = tl.sum(W * dt[:, None], 0)
+    if HAS_BIAS:
+        raw += bias
+    if SOFTPLUS:
+        delta = _softplus(raw)
+    else:
+        delta = raw
+    return tl.where(mask, delta, 0.0)
+
+
+@triton.jit
+def _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    A2 = tl.load(A_ptr + n[None, :] * E + e[:, None], mask=e_mask[:, None] & n_mask[None, :],
+                 other=0.0).to(tl.float32) * LOG2E
+    if DT_RANK > 0:
+        r = tl.arange(0, RANK_PAD)
+        W = tl.load(w_ptr + r[:, None] * E + e[None, :], mask=(r < DT_RANK)[:, None] & e_mask[None, :],
+                    other=0.0).to(tl.float32)
+    else:
+        W = A2  # unused
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([e.shape[0]], dtype=tl.float32)
+    return A2, W, bias
+
+
+@triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de', 's_dl', 's_Bb',
+                               's_Bn', 's_Bl'])
+def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_ptr, H_ptr, L, E, N, n_chunks, tiles,
+                             s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, RANK_PAD: tl.constexpr):
+    """Same contract as ``_fwd_chunk_summary``."""
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
+    h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    total = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for k in range(tiles):
+        for i in tl.static_range(T):
+            t = (pid_c * tiles + k) * T + i
+            valid = t < L
+            delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD,
+                               HAS_BIAS, SOFTPLUS)
+            u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=e_mask & valid, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=n_mask & valid, other=0.0).to(tl.float32)
+            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+            total += delta
+    offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    tl.store(P_ptr + offs, tl.exp2(total[:, None] * A2), mask=en_mask)
+    tl.store(H_ptr + offs, h, mask=en_mask)
+
+
+@triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de', 's_dl',
+                               's_Bb', 's_Bn', 's_Bl', 's_Cb', 's_Cn', 's_Cl', 's_zb', 's_ze', 's_zl', 's_yb', 's_ye',
+                               's_yl'])
+def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, Hin_ptr,
+                            states_ptr, L, E, N, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
+                            s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, T: tl.constexpr,
+                            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                            HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, RANK_PAD: tl.constexpr):
+    """Same contract as ``_fwd_chunk_output``."""
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    ne_offs = n[None, :] * E + e[:, None]
+    A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    if HAS_CARRY:
+        h = tl.load(Hin_ptr + (pid_b * n_chunks + pid_c) * E * N + ne_offs, mask=en_mask, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    for k in range(tiles):
+        tile = pid_c * tiles + k
+        if SAVE_STATES:
+            tl.store(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, h, mask=en_mask & (tile < n_tiles))
+        for i in tl.static_range(T):
+            t = tile * T + i
+            valid = t < L
+            ev_mask = e_mask & valid
+            delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD,
+                               HAS_BIAS, SOFTPLUS)
+            u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=ev_mask, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=n_mask & valid, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=n_mask & valid, other=0.0).to(tl.float32)
+            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+            y = tl.sum(h * Ct[None, :], 1)
+            if HAS_D:
+                y += u * D
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
+                y *= z * _sigmoid(z)
+            tl.store(y_ptr + pid_b * s_yb + e * s_ye + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=ev_mask)

@@ -1,0 +1,707 @@
+"""NTIRE-2024-style efficiency report for DVMSR, always next to the RLFN baseline.
+
+    python scripts/benchmark.py report --sizes 256x256 339x510 678x1020      # GPU, every ratio to RLFN
+    python scripts/benchmark.py report --device cpu --sizes 64x64 96x128     # CPU mode
+    python scripts/benchmark.py report --lr-dir ../shared/data/Set5/LR_bicubic/X4
+    python scripts/benchmark.py all --set5 ../shared/data/Set5 --out results/bench   # everything below
+
+Subcommands (each writes ``<name>.json`` and ``<name>.md`` into ``--out``):
+
+``report``    per model: runtime per image (CUDA events around the forward only, after warm-up;
+              median and mean), parameters, FLOPs (fvcore convention and full count, from
+              ``scripts/model_stats.py``), activations, peak memory; the ratio to RLFN.
+``scan``      the Triton scan against the float64 ``ref`` scan on fresh random inputs (forward and
+              all gradients, odd lengths, poisoned outputs), then its kernel shapes timed.
+``fidelity``  true-fp32 max difference to the float64 path, and Set5 PSNR in every precision mode.
+``train``     one training step (batch 64, LR 64x64, fwd + bwd + Adam) and gradients against float64.
+``profile``   PyTorch profiler, GPU kernel time per forward, per kernel.
+``all``       all of the above in one process.
+
+Precision modes: ``fp32`` (true fp32: no TF32 anywhere), ``tf32`` (the default fast mode: TF32
+for matmuls and convolutions), ``fp16``/``bf16`` (autocast; the scan state stays fp32).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from os import path as osp
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
+sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
+sys.path.insert(0, osp.join(ROOT, 'scripts'))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dvmsr_arch  # noqa: E402,F401  (registers the networks)
+from dvmsr_arch.archs.dvmsr_arch import DVMSR  # noqa: E402
+from dvmsr_arch.archs.rlfn_arch import RLFN  # noqa: E402
+from dvmsr_arch.ops import available_backends, resolve_backend  # noqa: E402
+
+DEFAULT_WEIGHTS = {
+    'dvmsr': osp.join(ROOT, '..', 'shared', 'weights', 'dvmsr_ntire2024_official.pth'),
+    'rlfn': osp.join(ROOT, '..', 'shared', 'weights', 'rlfn_ntire2024.pth'),
+}
+# Pixel range each network takes: DVMSR [0, 1], RLFN [0, 255].
+PIXEL_RANGE = {'dvmsr': 1.0, 'rlfn': 255.0}
+PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16')
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, precision, timing
+
+
+def load_weights(net: torch.nn.Module, path: str) -> None:
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise SystemExit(f'{path}: cannot load ({error})')
+    if isinstance(state, dict) and ('params_ema' in state or 'params' in state):
+        state = state.get('params_ema', state.get('params'))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise SystemExit(f'{path}: does not fit {type(net).__name__} ({str(error).splitlines()[0]})')
+
+
+def build_model(name: str, device: torch.device, scan_backend: str = 'auto', weights: Optional[str] = None,
+                channels_last: bool = False) -> torch.nn.Module:
+    if name == 'dvmsr':
+        net = DVMSR(scan_backend=scan_backend)
+    elif name == 'rlfn':
+        net = RLFN()
+    else:
+        raise SystemExit(f'unknown model {name!r}: use dvmsr or rlfn')
+    if weights and osp.isfile(weights):
+        load_weights(net, weights)
+    net = net.eval().to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+@contextmanager
+def precision(mode: str, device: torch.device):
+    """TF32 switches and autocast for one precision mode, restored afterwards."""
+    if mode not in PRECISIONS:
+        raise SystemExit(f'--precision {mode!r}: use one of {", ".join(PRECISIONS)}')
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    tf32 = mode != 'fp32'
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(mode)
+    try:
+        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> List[float]:
+    """Milliseconds of each of ``repeats`` calls after ``warmup`` calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return times
+
+
+def summary(times: Sequence[float]) -> Dict[str, float]:
+    return {'median_ms': statistics.median(times), 'mean_ms': statistics.fmean(times), 'min_ms': min(times),
+            'runs': len(times)}
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """torch.cuda.max_memory_allocated over one call, weights and input included (NTIRE's number)."""
+    if device.type != 'cuda':
+        return None
+    synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / MIB
+
+
+def cuda_graph(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward captured as a CUDA graph (fixed input size): replays skip the launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and allocate outside the capture
+            net(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        net(x)
+    return graph.replay
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise SystemExit(f'size {text!r}: write HEIGHTxWIDTH, e.g. 339x510')
+    return height, width
+
+
+def read_lr_folder(folder: str) -> List[Tuple[str, torch.Tensor]]:
+    """RGB images in [0, 1] as (1, 3, H, W)."""
+    import cv2
+    import numpy as np
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in ('.png', '.jpg', '.jpeg', '.bmp'))
+    if not paths:
+        raise SystemExit(f'{folder}: no images')
+    images = []
+    for p in paths:
+        image = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if image is None:
+            raise SystemExit(f'{p}: not a readable image')
+        rgb = np.ascontiguousarray(image[:, :, ::-1]).astype(np.float32) / 255.0
+        images.append((p.name, torch.from_numpy(rgb).permute(2, 0, 1)[None]))
+    return images
+
+
+def machine_info(device: torch.device) -> Dict[str, object]:
+    info = {'torch': torch.__version__, 'python': platform.python_version(), 'device': str(device),
+            'cpu': platform.processor() or platform.machine(), 'threads': torch.get_num_threads()}
+    try:
+        import triton
+        info['triton'] = triton.__version__
+    except ImportError:
+        info['triton'] = None
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def model_stats(name: str, size: Tuple[int, int]) -> Dict[str, object]:
+    """Parameters, FLOPs and activations at ``size``, counted on the CPU by scripts/model_stats.py."""
+    try:
+        import model_stats as stats_module
+    except ImportError as error:  # the counting script is optional here
+        return {'note': f'scripts/model_stats.py unavailable ({error})'}
+    network_opt = {'type': 'DVMSR' if name == 'dvmsr' else 'RLFN'}
+    with_fvcore = getattr(stats_module, 'FlopCountAnalysis', None) is not None
+    stats = stats_module.network_stats(network_opt, *size, with_fvcore=with_fvcore)
+    out = {'parameters': stats['parameters'], 'activations': stats['activations'], 'flops_size': f'{size[0]}x{size[1]}'}
+    if 'flops_fvcore' in stats:
+        out['flops_fvcore'] = stats['flops_fvcore']
+    if name == 'dvmsr':
+        out['flops_fvcore_analytic'] = stats['flops_fvcore_analytic']
+        out['flops_full'] = stats['flops_full']
+    elif 'flops_fvcore' in stats:
+        out['flops_full'] = stats['flops_fvcore']  # all of RLFN is convolutions, which fvcore counts
+    return out
+
+
+def run_report(args, device: torch.device) -> Dict[str, object]:
+    models = list(dict.fromkeys(args.models + ['rlfn']))
+    if args.lr_dir:
+        inputs = [(name, image) for name, image in read_lr_folder(args.lr_dir)]
+    else:
+        inputs = [(f'{h}x{w}', None) for h, w in map(parse_size, args.sizes)]
+    results: Dict[str, object] = {'machine': machine_info(device), 'precision': args.precision,
+                                  'scan_backend': args.scan_backend, 'channels_last': args.channels_last,
+                                  'cuda_graph': args.cuda_graph, 'scan_config': args.scan_config,
+                                  'warmup': args.warmup, 'repeats': args.repeats, 'models': {}}
+    torch.manual_seed(0)
+    for name in models:
+        net = build_model(name, device, args.scan_backend, args.weights.get(name, DEFAULT_WEIGHTS.get(name)),
+                          args.channels_last)
+        entry: Dict[str, object] = {'parameters': sum(p.numel() for p in net.parameters())}
+        if name == 'dvmsr':
+            entry['scan_backend'] = resolve_backend(args.scan_backend, device)
+        per_input = {}
+        for label, image in inputs:
+            x = (image if image is not None else torch.rand(1, 3, *parse_size(label))) * PIXEL_RANGE[name]
+            x = x.to(device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), precision(args.precision, device):
+                forward = cuda_graph(net, x) if args.cuda_graph and device.type == 'cuda' else (lambda: net(x))
+                times = time_calls(forward, device, args.warmup, args.repeats)
+                memory = peak_memory_mib(forward, device)
+            per_input[label] = dict(summary(times), peak_memory_mib=memory, lr_size=list(x.shape[2:]))
+            print(f'{name:6s} {label:>12s}  median {per_input[label]["median_ms"]:9.3f} ms'
+                  + (f'  peak {memory:8.1f} MiB' if memory is not None else ''), flush=True)
+        entry['inputs'] = per_input
+        entry['median_over_inputs_ms'] = statistics.median(v['median_ms'] for v in per_input.values())
+        entry['mean_over_inputs_ms'] = statistics.fmean(v['mean_ms'] for v in per_input.values())
+        if not args.no_flops:
+            entry['stats'] = model_stats(name, parse_size(args.flops_size))
+        results['models'][name] = entry
+        del net
+    base = results['models']['rlfn']
+    for name, entry in results['models'].items():
+        entry['ratio_to_rlfn'] = {label: v['median_ms'] / base['inputs'][label]['median_ms']
+                                  for label, v in entry['inputs'].items()}
+    return results
+
+
+def report_markdown(results: Dict[str, object]) -> str:
+    machine = results['machine']
+    where = machine.get('gpu') or f'CPU ({machine["threads"]} threads)'
+    labels = list(next(iter(results['models'].values()))['inputs'])
+    lines = [f'Device: {where}; torch {machine["torch"]}, triton {machine.get("triton")}; precision '
+             f'{results["precision"]}; channels_last {results["channels_last"]}; CUDA graph {results["cuda_graph"]}; median of {results["repeats"]} '
+             f'runs after {results["warmup"]} warm-up runs, forward only, batch 1.', '',
+             '| model | params | ' + ' | '.join(f'{label} ms (x RLFN)' for label in labels)
+             + ' | peak MiB (' + labels[min(1, len(labels) - 1)] + ') | FLOPs fvcore / full (G) | activations (M) |',
+             '|---|---|' + '---|' * len(labels) + '---|---|---|']
+    for name, entry in results['models'].items():
+        cells = [f'{entry["inputs"][label]["median_ms"]:.2f} ({entry["ratio_to_rlfn"][label]:.2f}x)'
+                 for label in labels]
+        memory = entry['inputs'][labels[min(1, len(labels) - 1)]]['peak_memory_mib']
+        stats = entry.get('stats', {})
+        fv = stats.get('flops_fvcore', stats.get('flops_fvcore_analytic'))
+        full = stats.get('flops_full')
+        flops = ' / '.join('n/a' if v is None else f'{v / 1e9:.2f}' for v in (fv, full))
+        activations = stats.get('activations')
+        label = name + (f' ({entry["scan_backend"]})' if 'scan_backend' in entry else '')
+        lines.append(f'| {label} | {entry["parameters"]:,} | ' + ' | '.join(cells)
+                     + f' | {"n/a" if memory is None else f"{memory:.0f}"} | {flops} | '
+                     + ('n/a' if activations is None else f'{activations / 1e6:.1f}') + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------------------------
+# scan: correctness against ref and kernel-shape timings
+
+
+def _scan_inputs(batch: int, inner: int, state: int, length: int, rank: int, device, dtype=torch.float32,
+                 token_major: bool = True):
+    """Random inputs shaped as the network makes them (token-major views unless told otherwise)."""
+    def seq(channels):
+        if token_major:
+            return torch.randn(batch, length, channels, device=device, dtype=dtype).transpose(1, 2)
+        return torch.randn(batch, channels, length, device=device, dtype=dtype)
+    u, z = seq(inner), seq(inner)
+    dt = seq(rank) * 0.5 if rank else seq(inner) * 0.5
+    weight = (torch.randn(inner, rank, device=device) * rank**-0.5) if rank else None
+    A = -torch.exp(torch.randn(inner, state, device=device) * 0.5 + 0.5)
+    B, C = seq(state), seq(state)
+    D = torch.randn(inner, device=device)
+    bias = torch.randn(inner, device=device) * 0.5 - 1.0
+    return u, dt, weight, A, B, C, D, z, bias
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@contextmanager
+def poisoned_empty():
+    """torch.empty returns NaN-filled floats: any element a kernel fails to write shows up."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out.fill_(float('nan')) if out.is_floating_point() else out
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = original
+
+
+def check_scan(device: torch.device, cases: Sequence[Tuple[int, int, int, int, int]], seed: int) -> List[Dict]:
+    """Triton scan vs the float64 ref scan, forward and every gradient, on fresh random inputs."""
+    from dvmsr_arch.ops.scan_ref import selective_scan_ref
+    from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton, selective_scan_triton
+    torch.manual_seed(seed)
+    rows = []
+    for batch, inner, state, length, rank in cases:
+        # Token-major views as the network passes them, plain contiguous tensors as other callers do.
+        inputs = _scan_inputs(batch, inner, state, length, rank, device, token_major=bool(rank))
+        names = ('u', 'dt' if rank else 'delta', 'dt_weight', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+        leaves32 = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+        leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+        u6, dt6, w6, A6, B6, C6, D6, z6, b6 = leaves64
+        delta6 = torch.einsum('brl,er->bel', dt6, w6) if rank else dt6
+        ref = selective_scan_ref(u6, delta6, A6, B6, C6, D6, z6, b6, True)
+        with poisoned_empty():
+            if rank:
+                y = selective_scan_lowrank_triton(*leaves32, delta_softplus=True)
+            else:
+                y = selective_scan_triton(leaves32[0], leaves32[1], *leaves32[3:], delta_softplus=True)
+            grad = torch.randn_like(ref)
+            y.backward(grad.float())
+        ref.backward(grad)
+        with torch.no_grad(), poisoned_empty():
+            out = torch.full((batch, length, inner), float('nan'), device=device).transpose(1, 2)
+            plain = [t.detach() if t is not None else None for t in leaves32]
+            if rank:
+                selective_scan_lowrank_triton(*plain, delta_softplus=True, out=out)
+            else:
+                out.copy_(selective_scan_triton(plain[0], plain[1], *plain[3:], delta_softplus=True))
+        row = {'shape': dict(batch=batch, E=inner, N=state, L=length, rank=rank),
+               'forward_max_rel': _max_rel(y.detach(), ref.detach()),
+               'forward_rel_l2': ((y.detach().double() - ref).norm() / ref.norm()).item(),
+               'forward_nan': bool(torch.isnan(y).any().item() or torch.isnan(out).any().item()),
+               'out_matches': bool(torch.equal(out, y.detach()))}
+        for name, a, r in zip(names, leaves32, leaves64):
+            if a is not None:
+                row[f'grad_{name}_max_rel'] = _max_rel(a.grad, r.grad)
+                row['grad_nan'] = row.get('grad_nan', False) or bool(torch.isnan(a.grad).any().item())
+        rows.append(row)
+    return rows
+
+
+def scan_config_candidates():
+    from dvmsr_arch.ops.scan_triton import ScanConfig
+    lanes = dict(sequential=True)
+    return {
+        'lanes_t8_e32_c32_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=1, **lanes),
+        'lanes_t4_e32_c64_w1': ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, **lanes),
+        'lanes_t2_e32_c128_w1': ScanConfig(tile=2, block_e=32, tiles_per_chunk=128, num_warps=1, **lanes),
+        'lanes_t16_e32_c16_w1': ScanConfig(tile=16, block_e=32, tiles_per_chunk=16, num_warps=1, **lanes),
+        'lanes_t8_e32_c16_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=16, num_warps=1, **lanes),
+        'lanes_t8_e32_c64_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=64, num_warps=1, **lanes),
+        'lanes_t8_e128_c32_w4': ScanConfig(tile=8, block_e=128, tiles_per_chunk=32, num_warps=4, **lanes),
+        'lanes_t4_e64_c64_w2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=64, num_warps=2, **lanes),
+        'assoc_t8_e32_c32_w4': ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=4),
+    }
+
+
+def time_scan_configs(device: torch.device, length: int, names: Sequence[str], warmup: int, repeats: int,
+                      dtype=torch.float32) -> Dict[str, Dict]:
+    """The scan alone as the network calls it (E=120, N=16, rank 4, token-major), per kernel shape."""
+    from dvmsr_arch.ops import scan_triton
+    candidates = scan_config_candidates()
+    u, dt, weight, A, B, C, D, z, bias = _scan_inputs(1, 120, 16, length, 4, device, dtype=dtype)
+    out = torch.empty(1, length, 120, device=device, dtype=dtype).transpose(1, 2)
+    saved = scan_triton.FORWARD_CONFIG
+    results = {}
+    # The least any scan must move: u, z, dt, B, C read once, y written once.
+    floor_bytes = (3 * 120 + 4 + 2 * 16) * length * u.element_size()
+    try:
+        for name in names:
+            scan_triton.set_configs(forward=candidates[name])
+            with torch.no_grad():
+                times = time_calls(lambda: scan_triton.selective_scan_lowrank_triton(
+                    u, dt, weight, A, B, C, D, z, bias, True, out=out), device, warmup, repeats)
+            results[name] = dict(summary(times), bytes_floor=floor_bytes)
+            print(f'scan {name:24s} L={length}: {results[name]["median_ms"]:.3f} ms', flush=True)
+    finally:
+        scan_triton.set_configs(forward=saved)
+    return results
+
+
+def copy_bandwidth(device: torch.device) -> Optional[float]:
+    """Device-to-device copy, GB/s counting bytes read plus written: the memory ceiling."""
+    if device.type != 'cuda':
+        return None
+    src = torch.randn(256 * MIB // 4, device=device)
+    dst = torch.empty_like(src)
+    times = time_calls(lambda: dst.copy_(src), device, 3, 20)
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def run_scan(args, device: torch.device) -> Dict[str, object]:
+    cases = [(2, 24, 16, 1000, 4), (1, 120, 16, 4099, 4), (3, 7, 5, 77, 0), (2, 40, 16, 2500, 0)]
+    if device.type == 'cpu':  # the interpreter: tiny sizes only
+        cases = [(2, 6, 3, 29, 2), (1, 5, 4, 19, 0)]
+    results: Dict[str, object] = {'machine': machine_info(device), 'checks': check_scan(device, cases, args.seed)}
+    for row in results['checks']:
+        print('check', json.dumps(row), flush=True)
+    if device.type == 'cuda':
+        results['copy_GBps'] = copy_bandwidth(device)
+        names = args.scan_configs or list(scan_config_candidates())
+        results['timings'] = {}
+        for length in args.scan_lengths:
+            results['timings'][str(length)] = time_scan_configs(device, length, names, args.warmup, args.repeats)
+        results['timings_fp16'] = time_scan_configs(device, args.scan_lengths[-1], names[:3], args.warmup,
+                                                    args.repeats, dtype=torch.float16)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# fidelity: true fp32 against float64, and Set5 PSNR per precision mode
+
+
+def read_set5(folder: str):
+    import cv2
+    hr_dir, lr_dir = Path(folder) / 'HR', Path(folder) / 'LR_bicubic' / 'X4'
+    pairs = []
+    for hr_path in sorted(hr_dir.glob('*.png')):
+        lr_path = lr_dir / hr_path.name
+        if not lr_path.is_file():
+            raise SystemExit(f'{lr_path}: missing LR image for {hr_path.name}')
+        lr = read_lr_folder_one(lr_path)
+        pairs.append((hr_path.stem, lr, cv2.imread(str(hr_path), cv2.IMREAD_COLOR)))
+    if not pairs:
+        raise SystemExit(f'{hr_dir}: no PNG images')
+    return pairs
+
+
+def read_lr_folder_one(path: Path) -> torch.Tensor:
+    import cv2
+    import numpy as np
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SystemExit(f'{path}: not a readable image')
+    return torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1]).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def psnr_y(sr: torch.Tensor, hr_bgr) -> float:
+    import numpy as np
+    from basicsr.metrics import calculate_psnr
+    image = (sr[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()[:, :, ::-1] * 255.0).round()
+    return calculate_psnr(image.astype(np.uint8), hr_bgr, crop_border=4, test_y_channel=True)
+
+
+def run_fidelity(args, device: torch.device) -> Dict[str, object]:
+    weights = args.weights.get('dvmsr', DEFAULT_WEIGHTS['dvmsr'])
+    if not osp.isfile(weights):
+        raise SystemExit(f'{weights}: released DVMSR weights needed for fidelity checks')
+    pairs = read_set5(args.set5)
+    reference = build_model('dvmsr', device, 'torch' if args.reference_backend == 'torch' else 'ref', weights).double()
+    fast = build_model('dvmsr', device, args.scan_backend, weights, args.channels_last)
+    results: Dict[str, object] = {'machine': machine_info(device), 'reference': f'{args.reference_backend} scan, float64',
+                                  'fast_backend': resolve_backend(args.scan_backend, device), 'psnr': {}, 'max_abs': {}}
+    with torch.inference_mode():
+        refs = {name: reference(lr.to(device).double()) for name, lr, _ in pairs}
+        results['psnr']['float64_reference'] = statistics.fmean(psnr_y(refs[n], hr) for n, _, hr in pairs)
+        for mode in args.modes:
+            with precision(mode, device):
+                outs = {name: fast(lr.to(device)) for name, lr, _ in pairs}
+            results['psnr'][mode] = statistics.fmean(psnr_y(outs[n], hr) for n, _, hr in pairs)
+            results['max_abs'][mode] = max((outs[n].double() - refs[n]).abs().max().item() for n in outs)
+            print(f'fidelity {mode}: Set5 PSNR-Y {results["psnr"][mode]:.4f} dB, max |out - float64| '
+                  f'{results["max_abs"][mode]:.2e}', flush=True)
+        # A long sequence: the first Set5 image resized to the NTIRE validation LR size.
+        height, width = parse_size(args.long_size)
+        big = F.interpolate(pairs[0][1], size=(height, width), mode='bicubic', align_corners=False).clamp(0, 1)
+        big = big.to(device)
+        ref_big = reference(big.double())
+        with precision('fp32', device):
+            out_big = fast(big)
+        results['max_abs_long_fp32'] = {'size': args.long_size,
+                                        'max_abs': (out_big.double() - ref_big).abs().max().item()}
+        print(f'fidelity fp32 at {args.long_size}: max |out - float64| {results["max_abs_long_fp32"]["max_abs"]:.2e}',
+              flush=True)
+    for mode in args.modes:
+        results.setdefault('psnr_delta_to_reference', {})[mode] = (results['psnr'][mode]
+                                                                   - results['psnr']['float64_reference'])
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# train: one step's time, and gradients against float64
+
+
+def run_train(args, device: torch.device) -> Dict[str, object]:
+    results: Dict[str, object] = {'machine': machine_info(device), 'batch': args.train_batch,
+                                  'lr_size': args.train_size, 'steps': {}}
+    height, width = parse_size(args.train_size)
+    backends = args.train_backends
+    for backend in backends:
+        if backend != 'auto' and backend not in available_backends(device):
+            continue
+        torch.manual_seed(0)
+        net = DVMSR(scan_backend=backend).to(device).train()
+        optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
+        lr = torch.rand(args.train_batch, 3, height, width, device=device)
+        hr = torch.rand(args.train_batch, 3, height * 4, width * 4, device=device)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.l1_loss(net(lr), hr).backward()
+            optimizer.step()
+        with precision(args.precision, device):
+            times = time_calls(step, device, args.warmup, args.repeats)
+            memory = peak_memory_mib(step, device)
+        name = resolve_backend(backend, device)
+        results['steps'][name] = dict(summary(times), peak_memory_mib=memory)
+        print(f'train step {name}: median {results["steps"][name]["median_ms"]:.2f} ms', flush=True)
+        del net, optimizer
+    # Gradients of every parameter against the float64 path (small batch), true fp32.
+    torch.manual_seed(1)
+    ref = DVMSR(scan_backend='torch', drop_path_rate=0.0).to(device).double().train()
+    fast = DVMSR(scan_backend=args.scan_backend, drop_path_rate=0.0).to(device).train()
+    fast.load_state_dict(ref.state_dict())
+    lr = torch.rand(2, 3, 32, 40, device=device)
+    target = torch.rand(2, 3, 128, 160, device=device)
+    with precision('fp32', device):
+        F.l1_loss(fast(lr), target).backward()
+    F.l1_loss(ref(lr.double()), target.double()).backward()
+    worst = {name: _max_rel(p.grad, q.grad) for (name, p), q in zip(fast.named_parameters(), ref.parameters())}
+    results['grad_check'] = {'backend': resolve_backend(args.scan_backend, device), 'max_rel_worst': max(worst.values()),
+                             'worst_parameter': max(worst, key=worst.get), 'per_parameter': worst}
+    print(f'train grads vs float64: worst max-rel {results["grad_check"]["max_rel_worst"]:.2e} '
+          f'({results["grad_check"]["worst_parameter"]})', flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# profile
+
+
+def run_profile(args, device: torch.device) -> Dict[str, object]:
+    from torch.profiler import ProfilerActivity, profile
+    height, width = parse_size(args.profile_size)
+    results: Dict[str, object] = {'machine': machine_info(device), 'size': args.profile_size, 'tables': {}}
+    for backend in args.profile_backends:
+        if backend not in ('auto',) + tuple(available_backends(device)):
+            continue
+        for name in ('dvmsr', 'rlfn'):
+            if name == 'rlfn' and backend != args.profile_backends[0]:
+                continue
+            net = build_model(name, device, backend, None, args.channels_last)
+            x = torch.rand(1, 3, height, width, device=device) * PIXEL_RANGE[name]
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+            with torch.inference_mode(), precision(args.precision, device):
+                for _ in range(3):
+                    net(x)
+                synchronize(device)
+                with profile(activities=activities) as prof:
+                    for _ in range(args.profile_runs):
+                        net(x)
+                    synchronize(device)
+            key = f'{name}_{resolve_backend(backend, device) if name == "dvmsr" else "cudnn"}'
+            sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+            results['tables'][key] = table
+            print(table, flush=True)
+            events = [e for e in prof.key_averages() if getattr(e, 'self_device_time_total', 0) > 0]
+            total = sum(e.self_device_time_total for e in events) / args.profile_runs / 1e3
+            results.setdefault('gpu_ms_per_forward', {})[key] = total
+            print(f'profile {key}: GPU kernel time {total:.3f} ms per forward', flush=True)
+            del net
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def write(out_dir: Optional[str], name: str, results: Dict[str, object], markdown: Optional[str] = None) -> None:
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(osp.join(out_dir, f'{name}.json'), 'w', encoding='utf-8') as f:
+        json.dump(results, f, indent=1, default=str)
+    if markdown is not None:
+        with open(osp.join(out_dir, f'{name}.md'), 'w', encoding='utf-8') as f:
+            f.write(markdown)
+
+
+def parse_weights(items: Sequence[str]) -> Dict[str, str]:
+    weights = {}
+    for item in items:
+        name, sep, path = item.partition('=')
+        if not sep or name not in PIXEL_RANGE:
+            raise SystemExit(f'--weights {item!r}: write MODEL=PATH with MODEL one of {", ".join(PIXEL_RANGE)}')
+        if not osp.isfile(path):
+            raise SystemExit(f'--weights {item!r}: {path} is not a file')
+        weights[name] = path
+    return weights
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('command', choices=('report', 'scan', 'fidelity', 'train', 'profile', 'all'))
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--models', nargs='+', default=['dvmsr'], help='dvmsr and/or rlfn (rlfn is always added)')
+    parser.add_argument('--weights', nargs='*', default=[], help='MODEL=PATH (default: ../shared/weights/...)')
+    parser.add_argument('--sizes', nargs='+', default=['256x256', '339x510', '678x1020'], help='LR sizes HxW')
+    parser.add_argument('--lr-dir', help='time over the images of this folder instead of --sizes')
+    parser.add_argument('--precision', default='tf32', choices=PRECISIONS)
+    parser.add_argument('--scan-backend', default='auto', help='selective-scan backend of DVMSR')
+    parser.add_argument('--channels-last', action='store_true', help='NHWC convolutions')
+    parser.add_argument('--cuda-graph', action='store_true', help='report: time CUDA-graph replays of each forward')
+    parser.add_argument('--scan-config', help='Triton scan kernel shape by name (see scan_config_candidates)')
+    parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=20)
+    parser.add_argument('--no-flops', action='store_true', help='skip the FLOP/activation count (CPU work)')
+    parser.add_argument('--flops-size', default='256x256', help='LR size for FLOPs and activations')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--scan-lengths', type=int, nargs='+', default=[339 * 510])
+    parser.add_argument('--scan-configs', nargs='*', help='kernel shapes to time (default: all candidates)')
+    parser.add_argument('--set5', default=osp.join(ROOT, '..', 'shared', 'data', 'Set5'))
+    parser.add_argument('--modes', nargs='+', default=['fp32', 'tf32', 'fp16', 'bf16'], choices=PRECISIONS)
+    parser.add_argument('--reference-backend', default='torch', choices=('torch', 'ref'),
+                        help='float64 reference path for fidelity (torch: the same math, chunked)')
+    parser.add_argument('--long-size', default='339x510')
+    parser.add_argument('--train-batch', type=int, default=64)
+    parser.add_argument('--train-size', default='64x64')
+    parser.add_argument('--train-backends', nargs='+', default=['triton'])
+    parser.add_argument('--profile-size', default='339x510')
+    parser.add_argument('--profile-runs', type=int, default=5)
+    parser.add_argument('--profile-backends', nargs='+', default=['triton'])
+    parser.add_argument('--out', help='folder for the JSON and markdown files')
+    args = parser.parse_args(argv)
+    args.weights = parse_weights(args.weights)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA device here; use --device cpu')
+    if args.scan_config:
+        candidates = scan_config_candidates()
+        if args.scan_config not in candidates:
+            raise SystemExit(f'--scan-config {args.scan_config!r}: one of {", ".join(candidates)}')
+        from dvmsr_arch.ops import scan_triton
+        scan_triton.set_configs(forward=candidates[args.scan_config])
+
+    commands = ('report', 'scan', 'fidelity', 'train', 'profile') if args.command == 'all' else (args.command,)
+    failures = 0
+    for command in commands:
+        try:
+            if command == 'report':
+                results = run_report(args, device)
+                markdown = report_markdown(results)
+                print(markdown)
+                write(args.out, 'report', results, markdown)
+            elif command == 'scan':
+                write(args.out, 'scan', run_scan(args, device))
+            elif command == 'fidelity':
+                write(args.out, 'fidelity', run_fidelity(args, device))
+            elif command == 'train':
+                write(args.out, 'train', run_train(args, device))
+            elif command == 'profile':
+                results = run_profile(args, device)
+                write(args.out, 'profile', results, '\n\n'.join(f'## {k}\n```\n{v}\n```' for k, v in
+                                                               results['tables'].items()))
+        except SystemExit:
+            raise
+        except Exception as error:  # in `all`, one failing part must not lose the others' numbers
+            if args.command != 'all':
+                raise
+            failures += 1
+            import traceback
+            traceback.print_exc()
+            write(args.out, f'{command}_error', {'error': repr(error)})
+    return 1 if failures else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

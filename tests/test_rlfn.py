@@ -1,0 +1,85 @@
+"""RLFN, the NTIRE 2024 Efficient SR baseline, and the benchmark report that is always relative to it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import dvmsr_arch  # noqa: F401  (before basicsr: registers the networks, patches basicsr's imports)
+from basicsr.archs import build_network
+from basicsr.metrics import calculate_psnr
+from dvmsr_arch.archs.rlfn_arch import RLFN
+
+REPO = Path(__file__).resolve().parents[1]
+RLFN_PARAMETERS = 317_218
+# The released baseline on Set5 x4, Y channel, crop 4 (weights/SOURCES.md: 32.099 dB).
+RLFN_SET5_PSNR = 32.099
+
+
+def test_default_network_is_the_pruned_baseline():
+    net = build_network({'type': 'RLFN'})
+    assert isinstance(net, RLFN)
+    assert sum(p.numel() for p in net.parameters()) == RLFN_PARAMETERS
+    x = torch.rand(1, 3, 16, 21) * 255
+    assert net(x).shape == (1, 3, 64, 84)
+
+
+def test_scale_and_width_are_arguments():
+    net = RLFN(feature_channels=8, mid_channels=12, esa_channels=4, num_blocks=2, upscale=2)
+    names = {name.split('.')[0] for name, _ in net.named_parameters()}
+    assert names == {'conv_1', 'block_1', 'block_2', 'conv_2', 'upsampler'}
+    assert net(torch.rand(2, 3, 17, 19)).shape == (2, 3, 34, 38)
+
+
+def test_released_checkpoint_loads_strictly(weights_dir):
+    state = torch.load(weights_dir / 'rlfn_ntire2024.pth', map_location='cpu', weights_only=True)
+    net = RLFN()
+    net.load_state_dict(state, strict=True)
+    assert sum(v.numel() for v in state.values()) == RLFN_PARAMETERS
+
+
+def test_released_checkpoint_set5_psnr(weights_dir, set5_dir):
+    net = RLFN()
+    net.load_state_dict(torch.load(weights_dir / 'rlfn_ntire2024.pth', map_location='cpu', weights_only=True))
+    net.eval()
+    psnrs = []
+    for hr_path in sorted((set5_dir / 'HR').glob('*.png')):
+        lr = cv2.imread(str(set5_dir / 'LR_bicubic' / 'X4' / hr_path.name), cv2.IMREAD_COLOR)
+        x = torch.from_numpy(np.ascontiguousarray(lr[:, :, ::-1])).permute(2, 0, 1)[None].float()  # [0, 255]
+        with torch.no_grad():
+            sr = net(x)[0].clamp(0, 255).round().permute(1, 2, 0).numpy()[:, :, ::-1].astype(np.uint8)
+        psnrs.append(calculate_psnr(sr, cv2.imread(str(hr_path)), crop_border=4, test_y_channel=True))
+    assert len(psnrs) == 5
+    assert np.mean(psnrs) == pytest.approx(RLFN_SET5_PSNR, abs=0.01)
+
+
+def test_benchmark_report_carries_the_rlfn_ratio(tmp_path):
+    out = tmp_path / 'bench'
+    proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'report', '--device', 'cpu',
+                           '--models', 'dvmsr', '--sizes', '16x16', '16x24', '--warmup', '0', '--repeats', '2',
+                           '--no-flops', '--out', str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / 'report.json').read_text())
+    assert set(results['models']) == {'dvmsr', 'rlfn'}
+    dvmsr, rlfn = results['models']['dvmsr'], results['models']['rlfn']
+    assert rlfn['parameters'] == RLFN_PARAMETERS and dvmsr['parameters'] == 424_428
+    assert dvmsr['scan_backend'] == 'torch'
+    for label in ('16x16', '16x24'):
+        assert rlfn['ratio_to_rlfn'][label] == 1.0
+        timing = dvmsr['inputs'][label]
+        assert timing['runs'] == 2 and timing['min_ms'] <= timing['median_ms']
+        assert dvmsr['ratio_to_rlfn'][label] == pytest.approx(timing['median_ms'] / rlfn['inputs'][label]['median_ms'])
+    table = (out / 'report.md').read_text()
+    assert '| rlfn | 317,218 |' in table and 'dvmsr (torch)' in table
+
+
+def test_benchmark_rejects_bad_sizes():
+    proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'report', '--device', 'cpu',
+                           '--sizes', '16by16'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "size '16by16'" in proc.stderr

@@ -1,0 +1,261 @@
+"""The Triton kernels (scan, LayerNorm, causal conv1d) against float64 references, without a GPU.
+
+Triton's interpreter runs the kernels on the CPU when ``TRITON_INTERPRET=1`` is set before triton is
+first imported, so the checks run in one fresh subprocess (this file run as a script) and the tests
+read its JSON. The interpreter executes every program one after another in numpy: sizes are tiny,
+and the kernel shapes are shrunk so that they still cover several chunks, a partial last chunk and
+tile, and channel and state blocks with masked lanes. Outputs are poisoned with NaN before each
+run, so an element a kernel fails to write shows up.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec('triton') is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+TOL = 2e-5  # fp32 kernels against float64: max |diff| / max |ref|
+
+
+# ----------------------------------------------------------------------------------------------
+# The subprocess side
+
+
+@contextmanager
+def poisoned_empty():
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out.fill_(float('nan')) if out.is_floating_point() else out
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = original
+
+
+def max_rel(a, b) -> float:
+    """max |a - b| / max |b|; NaN anywhere in ``a`` gives inf."""
+    if torch.isnan(a).any():
+        return float('inf')
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype=torch.float32):
+    from dvmsr_arch.ops.scan_ref import selective_scan_ref
+    from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton, selective_scan_triton
+
+    def seq(channels):
+        if token_major:
+            return torch.randn(batch, length, channels).transpose(1, 2)
+        return torch.randn(batch, channels, length)
+    u, z, B, C = seq(inner), seq(inner), seq(state), seq(state)
+    if with_extras:
+        delta = seq(rank or inner) * 0.5
+    else:  # no softplus: delta itself must be positive
+        delta = seq(rank or inner).abs() * 0.3
+    weight = torch.randn(inner, rank).abs() * 0.5 if rank else None
+    A = -torch.exp(torch.randn(inner, state) * 0.5)
+    D, bias = (torch.randn(inner), torch.randn(inner) * 0.5) if with_extras else (None, None)
+    z = z if with_extras else None
+    names = ('u', 'delta', 'dt_weight', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+    inputs = [None if t is None else t.to(dtype) for t in (u, delta, weight, A, B, C, D, z, bias)]
+    inputs[3] = A  # A, D and delta_bias are parameters: fp32 whatever the activations are
+    if with_extras:
+        inputs[6], inputs[8] = D, bias
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    u6, d6, w6, A6, B6, C6, D6, z6, b6 = leaves64
+    delta6 = torch.einsum('brl,er->bel', d6, w6) if rank else d6
+    ref = selective_scan_ref(u6, delta6, A6, B6, C6, D6, z6, b6, with_extras)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+
+    with poisoned_empty():
+        if rank:
+            y = selective_scan_lowrank_triton(*leaves, delta_softplus=with_extras)
+        else:
+            y = selective_scan_triton(leaves[0], leaves[1], *leaves[3:], delta_softplus=with_extras)
+        y.backward(grad.to(dtype))
+    result = {'forward': max_rel(y.detach(), ref.detach())}
+    for name, leaf, leaf64 in zip(names, leaves, leaves64):
+        if leaf is not None and leaf.grad is not None:
+            result[f'grad_{name}'] = max_rel(leaf.grad, leaf64.grad)
+    with torch.no_grad(), poisoned_empty():
+        plain = [None if t is None else t.detach() for t in inputs]
+        if rank:
+            out = torch.full((batch, length, inner), float('nan'), dtype=dtype).transpose(1, 2)
+            selective_scan_lowrank_triton(*plain, delta_softplus=with_extras, out=out)
+        else:
+            out = selective_scan_triton(plain[0], plain[1], *plain[3:], delta_softplus=with_extras)
+    result['no_grad_path'] = max_rel(out, ref.detach())
+    return result
+
+
+def fused_case():
+    import torch.nn.functional as F
+
+    from dvmsr_arch.ops.fused_triton import causal_conv1d_silu_tokens, layer_norm_tokens
+    result = {}
+    # LayerNorm over 6 channels (BLOCK_C 8), rows not a multiple of the row block, strided input.
+    x = torch.randn(2, 6, 37).transpose(1, 2).requires_grad_()
+    weight, bias = torch.randn(6).requires_grad_(), torch.randn(6).requires_grad_()
+    x6, w6, b6 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    ref = F.layer_norm(x6, (6,), w6, b6, 1e-5)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    with poisoned_empty():
+        y = layer_norm_tokens(x, weight, bias, 1e-5)
+        y.backward(grad.float())
+    result.update(ln_forward=max_rel(y.detach(), ref.detach()), ln_grad_x=max_rel(x.grad, x6.grad),
+                  ln_grad_weight=max_rel(weight.grad, w6.grad), ln_grad_bias=max_rel(bias.grad, b6.grad))
+
+    # Causal depthwise conv1d + SiLU on the x half of a token-major (B, L, 2E) tensor.
+    xz = torch.randn(2, 70, 10)
+    x = xz[..., :5].requires_grad_()
+    weight, bias = torch.randn(5, 1, 4).requires_grad_(), torch.randn(5).requires_grad_()
+    x6, w6, b6 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    ref = F.silu(F.conv1d(F.pad(x6.transpose(1, 2), (3, 0)), w6, b6, groups=5)).transpose(1, 2)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    with poisoned_empty():
+        y = causal_conv1d_silu_tokens(x, weight, bias)
+        y.backward(grad.float())
+    result.update(conv_forward=max_rel(y.detach(), ref.detach()), conv_grad_x=max_rel(x.grad, x6.grad),
+                  conv_grad_weight=max_rel(weight.grad, w6.grad), conv_grad_bias=max_rel(bias.grad, b6.grad))
+    return result
+
+
+def model_case():
+    from dvmsr_arch.archs.dvmsr_arch import DVMSR
+    from dvmsr_arch.ops import resolve_backend, scan_triton
+    result = {'auto_on_cpu': resolve_backend('auto', 'cpu'),
+              'triton_unavailable_reason': scan_triton.why_unavailable(torch.device('cpu'))}
+    kw = dict(upscale=2, embed_dim=6, depths=(2,), d_state=4, expand=2, drop_path_rate=0.0, dt_init='mamba')
+    reference = DVMSR(**kw, scan_backend='ref').double()
+    fused = DVMSR(**kw, scan_backend='triton')
+    fused.load_state_dict(reference.state_dict())
+    x = torch.rand(2, 3, 4, 5)
+    ref = reference(x.double())
+    grad = torch.randn_like(ref)
+    (ref * grad).sum().backward()
+    with poisoned_empty():
+        y = fused(x)
+        (y * grad.float()).sum().backward()
+    result['forward'] = max_rel(y.detach(), ref.detach())
+    result['grads'] = {name: max_rel(p.grad, q.grad)
+                       for (name, p), q in zip(fused.named_parameters(), reference.parameters())}
+    with torch.no_grad():  # the inference path: the scan writes into the in_proj buffer
+        result['no_grad_forward'] = max_rel(fused(x), ref.detach())
+    return result
+
+
+def run_all_cases():
+    from dvmsr_arch.ops import scan_triton
+    from dvmsr_arch.ops.scan_triton import ScanConfig
+    torch.manual_seed(0)
+    results = {}
+    # Chunks of 8 tokens (2 tiles of 4) forward, 6 tokens (3 tiles of 2) backward: L=29 spans
+    # several chunks with a partial last one; E=6 and N=3 leave masked lanes in their blocks.
+    associative = ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1)
+    sequential = ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True)
+    backward = ScanConfig(tile=2, block_e=4, tiles_per_chunk=3, num_warps=1)
+    scan_triton.set_configs(associative, backward)
+    results['full_delta_channel_major'] = scan_case(2, 6, 3, 29, 0, token_major=False, with_extras=True)
+    results['plain_no_D_z_bias_softplus'] = scan_case(1, 5, 4, 19, 0, token_major=False, with_extras=False)
+    scan_triton.set_configs(sequential, backward)
+    results['lowrank_token_major_sequential'] = scan_case(2, 6, 3, 29, 2, token_major=True, with_extras=True)
+    results['half_inputs'] = scan_case(1, 4, 4, 13, 2, token_major=True, with_extras=True, dtype=torch.float16)
+    scan_triton.set_configs(associative, backward)
+    results['fused'] = fused_case()
+    results['model'] = model_case()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The pytest side
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(REPO))
+    env.pop('DVMSR_SCAN_BACKEND', None)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, f'interpreter run failed:\n{proc.stderr[-4000:]}'
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize('case', ['full_delta_channel_major', 'plain_no_D_z_bias_softplus',
+                                  'lowrank_token_major_sequential'])
+def test_scan_matches_float64_ref(interpreted, case):
+    result = interpreted[case]
+    assert result['forward'] < TOL
+    assert result['no_grad_path'] < TOL
+    grads = {k: v for k, v in result.items() if k.startswith('grad_')}
+    expected = {'grad_u', 'grad_delta', 'grad_A', 'grad_B', 'grad_C'}
+    if case != 'plain_no_D_z_bias_softplus':
+        expected |= {'grad_D', 'grad_z', 'grad_delta_bias'}
+    if case.startswith('lowrank'):
+        expected |= {'grad_dt_weight'}
+    assert set(grads) == expected
+    assert max(grads.values()) < TOL, grads
+
+
+@needs_triton
+def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
+    # fp16 activations: the output is rounded to fp16 (relative step 2**-11), the state is not.
+    result = interpreted['half_inputs']
+    assert result['forward'] < 2e-3 and result['no_grad_path'] < 2e-3
+    assert max(v for k, v in result.items() if k.startswith('grad_')) < 5e-3
+
+
+@needs_triton
+def test_layer_norm_and_causal_conv_kernels(interpreted):
+    result = interpreted['fused']
+    assert max(result.values()) < TOL, result
+
+
+@needs_triton
+def test_network_on_triton_path_matches_ref_network(interpreted):
+    result = interpreted['model']
+    # Under the interpreter the CPU may run the triton backend, but only when asked for it.
+    assert result['triton_unavailable_reason'] is None
+    assert result['auto_on_cpu'] == 'torch'
+    assert result['forward'] < TOL and result['no_grad_forward'] < TOL
+    assert max(result['grads'].values()) < 1e-4, result['grads']
+
+
+def test_triton_backend_is_cuda_only_without_interpreter(monkeypatch):
+    from dvmsr_arch.ops import resolve_backend, scan_triton
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    monkeypatch.delenv('DVMSR_SCAN_BACKEND', raising=False)
+    reason = scan_triton.why_unavailable(torch.device('cpu'))
+    assert reason is not None and 'CUDA' in reason
+    assert resolve_backend('auto', 'cpu') == 'torch'
+    with pytest.raises(RuntimeError, match='triton'):
+        resolve_backend('triton', 'cpu')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason='needs a CUDA GPU')
+def test_scan_on_gpu_matches_float64_ref():
+    sys.path.insert(0, str(REPO / 'scripts'))
+    from benchmark import check_scan
+    for row in check_scan(torch.device('cuda'), [(2, 24, 16, 1000, 4), (3, 7, 5, 777, 0)], seed=1):
+        assert not row['forward_nan'] and not row['grad_nan'] and row['out_matches'], row
+        assert row['forward_max_rel'] < 1e-4
+        assert max(v for k, v in row.items() if k.startswith('grad_') and k.endswith('_max_rel')) < 1e-4, row
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, str(REPO))
+    print(json.dumps(run_all_cases()))
