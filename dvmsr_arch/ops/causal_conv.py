@@ -11,5 +11,7 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor, backend: str) ->
         out = scan_mamba.causal_conv1d_cuda(x, weight, bias, activation='silu')
         if out is not None:
             return out
-    kernel = weight.shape[-1]
-    return F.silu(F.conv1d(F.pad(x, (kernel - 1, 0)), weight, bias, groups=x.shape[1]))
+    kernel, length = weight.shape[-1], x.shape[-1]
+    # Padding both ends and keeping the first L outputs is the causal convolution, without a padded copy.
+    out = F.conv1d(x, weight, bias, padding=kernel - 1, groups=x.shape[1])[..., :length]
+    return F.silu(out, inplace=not out.requires_grad)

@@ -21,12 +21,12 @@ from torch.utils.checkpoint import checkpoint
 CHUNK = 16  # short chunks make few, large vectorised steps; the pass over chunk ends is cheap
 # Elements of one step's (batch, chunks, E, N) state tensor in a block: bounds the working set,
 # and, under autograd, what one checkpointed block keeps for its backward pass.
-STEP_ELEMENTS = 2**22
+STEP_ELEMENTS = 2**20
 STEP_ELEMENTS_WITH_GRAD = 2**20
 
 
-def _scan_block(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
-    """Scan one block whose length is a multiple of CHUNK; returns (C.h per token, final state)."""
+def _scan_chunks(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
+    """The recurrence over a length that is a multiple of CHUNK; returns (C.h per token, final state)."""
     batch, inner, length = u.shape
     n_chunks = length // CHUNK
 
@@ -54,38 +54,51 @@ def _scan_block(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: T
     return y.squeeze(-1).permute(1, 3, 2, 0).reshape(batch, inner, length), carry
 
 
-def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                         z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                         delta_softplus: bool = False) -> Tensor:
-    """Same contract as :func:`dvmsr_arch.ops.scan_ref.selective_scan_ref`."""
-    dtype_in = u.dtype
-    compute = torch.promote_types(dtype_in, torch.float32)  # the state is never kept in half precision
-    u_c, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
+def _scan_block(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor], A: Tensor, h0: Tensor,
+                D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
+    """Everything per token for one block, so that no full-length temporary is ever made."""
+    compute = h0.dtype
+    length = u.shape[-1]
+    u, delta, B, C = (t.to(compute) for t in (u, delta, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias[..., None].to(compute)
     if delta_softplus:
         delta = F.softplus(delta)
-    batch, inner, length = u_c.shape
+    # Padding with delta = 0 gives decay 1 and no input: the state passes through unchanged.
+    pad = -length % CHUNK
+    y, h = _scan_chunks(*(F.pad(t, (0, pad)) for t in (u, delta, B, C)), A, h0)
+    y = y[..., :length]
+    if D is not None:
+        y = torch.addcmul(y, u, D[..., None].to(compute))
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    return y, h
+
+
+def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                         z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                         delta_softplus: bool = False) -> Tensor:
+    """Same contract as :func:`dvmsr_arch.ops.scan_ref.selective_scan_ref`."""
+    compute = torch.promote_types(u.dtype, torch.float32)  # the state is never kept in half precision
+    A = A.to(compute)
+    batch, inner, length = u.shape
     state = A.shape[1]
-    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u_c, delta, A, B, C))
+    with_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     step_budget = STEP_ELEMENTS_WITH_GRAD if with_grad else STEP_ELEMENTS
     block = max(1, step_budget // (batch * inner * state)) * CHUNK
 
-    h = u_c.new_zeros(batch, inner, state)
-    outputs = []
+    h = u.new_zeros(batch, inner, state, dtype=compute)
+    pieces = []
+    out = None if with_grad else u.new_empty(batch, inner, length)
     for start in range(0, length, block):
-        stop = min(start + block, length)
-        # Padding with delta = 0 gives decay 1 and no input: the state passes through unchanged.
-        pad = -(stop - start) % CHUNK
-        pieces = [F.pad(t[..., start:stop], (0, pad)) for t in (u_c, delta, B, C)]
+        span = slice(start, min(start + block, length))
+        args = (u[..., span], delta[..., span], B[..., span], C[..., span], None if z is None else z[..., span],
+                A, h, D, delta_bias, delta_softplus)
         if with_grad:
-            y, h = checkpoint(_scan_block, *pieces, A, h, use_reentrant=False)
+            y, h = checkpoint(_scan_block, *args, use_reentrant=False)
+            pieces.append(y.to(u.dtype))
         else:
-            y, h = _scan_block(*pieces, A, h)
-        outputs.append(y[..., :stop - start])
-    y = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
-    if D is not None:
-        y = y + u_c * D[..., None].to(compute)
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    return y.to(dtype_in)
+            y, h = _scan_block(*args)
+            out[..., span] = y
+    return out if out is not None else torch.cat(pieces, dim=-1)
