@@ -139,11 +139,11 @@ def model_case():
     from dvmsr_arch.ops import resolve_backend, scan_triton
     result = {'auto_on_cpu': resolve_backend('auto', 'cpu'),
               'triton_unavailable_reason': scan_triton.why_unavailable(torch.device('cpu'))}
-    kw = dict(upscale=2, embed_dim=6, depths=(2,), d_state=4, expand=2, drop_path_rate=0.0, dt_init='mamba')
+    kw = dict(upscale=2, embed_dim=6, depths=(1,), d_state=4, expand=2, drop_path_rate=0.0, dt_init='mamba')
     reference = DVMSR(**kw, scan_backend='ref').double()
     fused = DVMSR(**kw, scan_backend='triton')
     fused.load_state_dict(reference.state_dict())
-    x = torch.rand(2, 3, 4, 5)
+    x = torch.rand(1, 3, 3, 4)  # 12 tokens: two forward and two backward chunks
     ref = reference(x.double())
     grad = torch.randn_like(ref)
     (ref * grad).sum().backward()
@@ -163,18 +163,19 @@ def run_all_cases():
     from dvmsr_arch.ops.scan_triton import ScanConfig
     torch.manual_seed(0)
     results = {}
-    # Chunks of 8 tokens (2 tiles of 4) forward, 6 tokens (3 tiles of 2) backward: L=29 spans
+    # Chunks of 8 tokens (2 tiles of 4) forward, 6 tokens (3 tiles of 2) backward: L=21 spans
     # several chunks with a partial last one; E=6 and N=3 leave masked lanes in their blocks.
+    # Both kernel families: (T, E, N) register blocks with associative scans, and lane-per-channel.
     associative = ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1)
-    sequential = ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True)
+    lanes = ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True)
     backward = ScanConfig(tile=2, block_e=4, tiles_per_chunk=3, num_warps=1)
+    backward_lanes = ScanConfig(tile=2, block_e=4, tiles_per_chunk=3, num_warps=1, sequential=True)
     scan_triton.set_configs(associative, backward)
-    results['full_delta_channel_major'] = scan_case(2, 6, 3, 29, 0, token_major=False, with_extras=True)
+    results['full_delta_channel_major'] = scan_case(2, 6, 3, 21, 0, token_major=False, with_extras=True)
     results['plain_no_D_z_bias_softplus'] = scan_case(1, 5, 4, 19, 0, token_major=False, with_extras=False)
-    scan_triton.set_configs(sequential, backward)
-    results['lowrank_token_major_sequential'] = scan_case(2, 6, 3, 29, 2, token_major=True, with_extras=True)
+    scan_triton.set_configs(lanes, backward_lanes)
+    results['lowrank_token_major_sequential'] = scan_case(1, 6, 3, 21, 2, token_major=True, with_extras=True)
     results['half_inputs'] = scan_case(1, 4, 4, 13, 2, token_major=True, with_extras=True, dtype=torch.float16)
-    scan_triton.set_configs(associative, backward)
     results['fused'] = fused_case()
     results['model'] = model_case()
     return results

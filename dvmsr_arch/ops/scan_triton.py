@@ -22,8 +22,8 @@ from torch import Tensor
 class ScanConfig:
     """Kernel shape: ``tile`` tokens per register block, ``block_e`` channels per program,
     ``tiles_per_chunk`` tiles per sequence chunk (one program each), ``num_warps`` per program.
-    ``sequential``: the forward kernels step through a tile token by token (state (E, N) in
-    registers) instead of scanning it as a (T, E, N) block; the backward pass ignores it."""
+    ``sequential``: the kernels give each thread one channel and step through a tile token by
+    token, its N states in registers, instead of scanning the tile as a (T, E, N) block."""
     tile: int = 16
     block_e: int = 32
     tiles_per_chunk: int = 16
@@ -34,7 +34,7 @@ class ScanConfig:
 # Chosen on an H100 (docs/performance.md). Under autograd the forward pass runs with the
 # backward's tile, because the backward restarts from the states saved at every tile start.
 FORWARD_CONFIG = ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=1, sequential=True)
-BACKWARD_CONFIG = ScanConfig(tile=8, block_e=16, tiles_per_chunk=32, num_warps=4)
+BACKWARD_CONFIG = ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, sequential=True)
 CARRY_BLOCK_CHUNKS = 32
 CARRY_BLOCK_STATES = 128
 
@@ -140,6 +140,8 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     rank = 0 if dt_weight is None else dt_weight.shape[1]
     shapes = dict(T=cfg.tile, BLOCK_E=cfg.block_e, BLOCK_N=_pow2(state), DT_RANK=rank, HAS_BIAS=delta_bias is not None,
                   SOFTPLUS=softplus, num_warps=cfg.num_warps)
+    if cfg.sequential:
+        shapes['RANK_PAD'] = _pow2(max(rank, 1))
     f32 = dict(device=u.device, dtype=torch.float32)
     A = A.t().contiguous()
     any_t = A
@@ -150,7 +152,8 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     carry = any_t
     if n_chunks > 1:
         decay, handed = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
-        k._bwd_chunk_summary[grid](delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
+        summary = k._bwd_chunk_summary_lanes if cfg.sequential else k._bwd_chunk_summary
+        summary[grid](delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
                                    cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
                                    HAS_Z=z is not None, **shapes)
         carry = torch.empty(batch, n_chunks, inner, state, **f32)
@@ -163,7 +166,8 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     dB_part, dC_part = (torch.empty(n_eblk, batch, length, state, **f32) for _ in range(2))
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
     dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
-    k._bwd_chunk_grads[grid](u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
+    grads = k._bwd_chunk_grads_lanes if cfg.sequential else k._bwd_chunk_grads
+    grads[grid](u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
                              ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch,
                              n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
                              *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None,

@@ -487,3 +487,144 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
                 z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
                 y *= z * _sigmoid(z)
             tl.store(y_ptr + pid_b * s_yb + e * s_ye + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=ev_mask)
+
+
+@triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'tiles', 's_db', 's_de', 's_dl', 's_Cb', 's_Cn', 's_Cl', 's_zb',
+                               's_ze', 's_zl', 's_gb', 's_ge', 's_gl'])
+def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy_ptr, P_ptr, G_ptr, L, E, N,
+                             n_chunks, tiles, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
+                             T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+                             RANK_PAD: tl.constexpr):
+    """Same contract as ``_bwd_chunk_summary``; the decay from the chunk start is a running product."""
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
+    g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    decay = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32) + 1.0
+    for k in range(tiles):
+        for i in tl.static_range(T):
+            t = (pid_c * tiles + k) * T + i
+            valid = t < L
+            ev_mask = e_mask & valid
+            delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD,
+                               HAS_BIAS, SOFTPLUS)
+            gy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
+                gy *= z * _sigmoid(z)
+            Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=n_mask & valid, other=0.0).to(tl.float32)
+            decay *= tl.exp2(delta[:, None] * A2)
+            g += decay * gy[:, None] * Ct[None, :]
+    offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    tl.store(P_ptr + offs, decay, mask=en_mask)
+    tl.store(G_ptr + offs, g, mask=en_mask)
+
+
+@triton.jit
+def _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, valid, e,
+                 e_mask, n, n_mask, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SOFTPLUS: tl.constexpr):
+    delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
+                       SOFTPLUS)
+    u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=e_mask & valid, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=n_mask & valid, other=0.0).to(tl.float32)
+    return delta, u, Bt
+
+
+@triton.jit(do_not_specialize=['L', 'E', 'batch', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de',
+                               's_dl', 's_Bb', 's_Bn', 's_Bl', 's_Cb', 's_Cn', 's_Cl', 's_zb', 's_ze', 's_zl', 's_gb',
+                               's_ge', 's_gl', 's_xb', 's_xe', 's_xl'])
+def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, states_ptr,
+                           MU_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, L, E, N,
+                           batch, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, s_Cb,
+                           s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, T: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                           HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr):
+    """Same contract as ``_bwd_chunk_grads``, lane per channel. Tokens go last to first; the state
+    before each token is recomputed from the tile's saved start state (T (T - 1) / 2 extra steps
+    per tile, so the tile stays short), which keeps every value in registers without lists."""
+    pid_c = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_mask = e < E
+    n_mask = n < N
+    en_mask = e_mask[:, None] & n_mask[None, :]
+    ne_offs = n[None, :] * E + e[:, None]
+    A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    if HAS_CARRY:
+        mu = tl.load(MU_ptr + (pid_b * n_chunks + pid_c) * E * N + ne_offs, mask=en_mask, other=0.0)
+    else:
+        mu = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    partial_base = (pid_e * batch + pid_b) * L
+    for kk in range(tiles):
+        tile = pid_c * tiles + (tiles - 1 - kk)
+        h_start = tl.load(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, mask=en_mask & (tile < n_tiles),
+                          other=0.0)
+        for ii in tl.static_range(T):
+            h_prev = h_start
+            for j in tl.static_range(T - 1 - ii):
+                tj = tile * T + j
+                dj, uj, Bj = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
+                                          s_Bl, pid_b, tj, tj < L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD,
+                                          HAS_BIAS, SOFTPLUS)
+                h_prev = tl.exp2(dj[:, None] * A2) * h_prev + (dj * uj)[:, None] * Bj[None, :]
+            t = tile * T + (T - 1 - ii)
+            valid = t < L
+            ev_mask = e_mask & valid
+            delta, u, Bt = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
+                                        pid_b, t, valid, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
+                                        SOFTPLUS)
+            Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=n_mask & valid, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
+            decay = tl.exp2(delta[:, None] * A2)
+            decayed = decay * h_prev
+            h = decayed + (delta * u)[:, None] * Bt[None, :]
+            x_offs = pid_b * s_xb + e * s_xe + t * s_xl
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
+                sig = _sigmoid(z)
+                y = tl.sum(h * Ct[None, :], 1)
+                if HAS_D:
+                    y += u * D
+                tl.store(dz_ptr + x_offs, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=ev_mask)
+                gy = dy * z * sig
+            else:
+                gy = dy
+            lam = gy[:, None] * Ct[None, :] + mu
+            lam_B = tl.sum(lam * Bt[None, :], 1)
+            du = delta * lam_B
+            if HAS_D:
+                du += gy * D
+                dD_acc += gy * u
+            ddelta = u * lam_B + tl.sum(lam * decayed * A2, 1) * (1.0 / LOG2E)
+            if SOFTPLUS:
+                # softplus'(raw) = sigmoid(raw) = 1 - exp(-delta)
+                ddelta = ddelta * (1.0 - tl.exp(-delta))
+            ddelta = tl.where(ev_mask, ddelta, 0.0)
+            tl.store(du_ptr + x_offs, du, mask=ev_mask)
+            tl.store(ddelta_ptr + x_offs, ddelta, mask=ev_mask)
+            dbias_acc += ddelta
+            dA_acc += lam * decayed * delta[:, None]
+            tn_offs = (partial_base + t) * N + n
+            tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, None], 0), mask=n_mask & valid)
+            tl.store(dC_ptr + tn_offs, tl.sum(h * gy[:, None], 0), mask=n_mask & valid)
+            mu = decay * lam
+    prog = pid_b * n_chunks + pid_c
+    tl.store(dA_ptr + prog * E * N + ne_offs, dA_acc, mask=en_mask)
+    tl.store(dD_ptr + prog * E + e, dD_acc, mask=e_mask)
+    tl.store(dbias_ptr + prog * E + e, dbias_acc, mask=e_mask)
