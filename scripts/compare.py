@@ -24,7 +24,7 @@ import dvmsr_arch  # noqa: E402,F401  (first: it fits basicsr to this torchvisio
 from basicsr.metrics import calculate_psnr, calculate_ssim  # noqa: E402
 from basicsr.utils.matlab_functions import imresize  # noqa: E402
 from dvmsr_arch.utils import imageio, tiling  # noqa: E402
-from dvmsr_arch.utils.network import load_model, network_scale, resolve_device  # noqa: E402
+from dvmsr_arch.utils.network import load_model, network_scale, parse_model_spec, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,17 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--panel-inches', type=float, default=2.0, help='width of one panel (default 2.0)')
     parser.add_argument('--dpi', type=int, default=100, help='resolution of the PNG (default 100)')
     return parser.parse_args(argv)
-
-
-def model_spec(values):
-    """(label, checkpoint, arch or None, option file or None) from LABEL CHECKPOINT [NETWORK]."""
-    if len(values) not in (2, 3):
-        raise ValueError(f'--model takes LABEL CHECKPOINT [NETWORK], got {len(values)} values: {" ".join(values)}')
-    label, checkpoint = values[0], values[1]
-    network = values[2] if len(values) == 3 else None
-    if network is not None and network.endswith(('.yml', '.yaml')):
-        return label, checkpoint, None, network
-    return label, checkpoint, network, None
 
 
 def load_images(args, scale: int):
@@ -106,7 +95,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
-        specs = [model_spec(values) for values in args.model]
+        specs = [parse_model_spec(values) for values in args.model]
         models = []
         for label, checkpoint, arch, opt_path in specs:
             model, _ = load_model(arch=arch, opt_path=opt_path, checkpoint=checkpoint)

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import dvmsr_arch  # noqa: F401  (first: it fits basicsr to this torchvision and registers the networks)
+from basicsr.utils.registry import ARCH_REGISTRY
 from dvmsr_arch.analysis import lam
 from dvmsr_arch.archs.dvmsr_arch import DVMSR
 from dvmsr_arch.utils.network import RangeAdapter
@@ -126,21 +128,25 @@ def test_lam_of_a_small_dvmsr_and_the_cli(tmp_path, capsys):
 
     checkpoint, options = tmp_path / 'tiny.pth', tmp_path / 'tiny.yml'
     torch.save({'params_ema': net.state_dict()}, checkpoint)
+    torch.save(ARCH_REGISTRY.get('SRVGGNetCompact')().state_dict(), tmp_path / 'vgg.pth')  # BasicSR's own network
     options.write_text('network_g:\n  type: DVMSR\n  embed_dim: 8\n  depths: [1]\n  d_state: 4\n')
     hr = (np.random.default_rng(5).random((48, 40, 3)) * 255).astype(np.uint8)
     cv2.imwrite(str(tmp_path / 'hr.png'), hr)
     spec = importlib.util.spec_from_file_location('lam_cli', SCRIPTS / 'lam.py')
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    figure, heat = tmp_path / 'lam.png', tmp_path / 'map.npy'
-    code = cli.main(['--opt', str(options), '--model-path', str(checkpoint), '--image', str(tmp_path / 'hr.png'),
-                     '--window', '12', '20', '8', '8', '--steps', '2', '--device', 'cpu', '-o', str(figure),
-                     '--save-map', str(heat)])
+    figure, maps = tmp_path / 'lam.png', tmp_path / 'maps.npz'
+    code = cli.main(['--opt', str(options), '--model-path', str(checkpoint), '--label', 'tiny',
+                     '--also', 'vgg', str(tmp_path / 'vgg.pth'), 'SRVGGNetCompact',
+                     '--image', str(tmp_path / 'hr.png'), '--window', '12', '20', '8', '8', '--steps', '2',
+                     '--device', 'cpu', '-o', str(figure), '--save-maps', str(maps)])
     assert code == 0
-    assert 'DI = ' in capsys.readouterr().out
-    assert np.load(heat).shape == (12, 10)
-    # Four panels of 3.2 in, height 3.2 * 48 / 40 + 0.6 in, at 80 dpi.
-    assert cv2.imread(str(figure)).shape[:2] == (round((3.2 * 48 / 40 + 0.6) * 80), round(4 * 3.2 * 80))
+    out = capsys.readouterr().out
+    assert 'tiny (DVMSR x4) window (12, 20, 8, 8)' in out and 'vgg (SRVGGNetCompact x4)' in out
+    saved = np.load(maps)
+    assert sorted(saved.files) == ['tiny', 'vgg'] and saved['tiny'].shape == (12, 10)
+    # Two rows of four panels of 3.2 in, each row 3.2 * 48 / 40 + 0.6 in high, at 80 dpi.
+    assert cv2.imread(str(figure)).shape[:2] == (round(2 * (3.2 * 48 / 40 + 0.6) * 80), round(4 * 3.2 * 80))
 
     code = cli.main(['--opt', str(options), '--model-path', str(checkpoint), '--image', str(tmp_path / 'hr.png'),
                      '--window', '30', '20', '16', '8', '--device', 'cpu', '-o', str(figure)])

@@ -54,10 +54,12 @@ def build_network(*, arch: Optional[str] = None, opt_path: Optional[str] = None)
     else:
         arch = arch or DEFAULT_ARCH
         kwargs = {}
-    if arch not in ARCH_REGISTRY:
+    # BasicSR registers some of its own networks under NAME_basicsr and looks that up as a fallback.
+    registered = next((name for name in (arch, f'{arch}_basicsr') if name in ARCH_REGISTRY), None)
+    if registered is None:
         raise ValueError(f'network {arch!r} is not in the registry (is its *_arch.py imported?)')
     try:
-        return ARCH_REGISTRY.get(arch)(**kwargs), arch
+        return ARCH_REGISTRY.get(registered)(**kwargs), arch
     except TypeError as error:
         raise ValueError(f'{opt_path or arch}: cannot build {arch}: {error}') from None
 
@@ -126,6 +128,18 @@ def add_network_arguments(parser: argparse.ArgumentParser, *, with_model_path: b
     group.add_argument('--input-range', type=float, default=None,
                        help='the network takes RGB in [0, R]; default by architecture: '
                        + ', '.join(f'{k} {v:g}' for k, v in INPUT_RANGES.items()) + ', others 1')
+
+
+def parse_model_spec(values) -> Tuple[str, str, Optional[str], Optional[str]]:
+    """(label, checkpoint, arch, option file) from the CLI form LABEL CHECKPOINT [NETWORK], NETWORK
+    being a registry name or an option file (.yml/.yaml); neither means the default network."""
+    if len(values) not in (2, 3):
+        raise ValueError(f'a model is LABEL CHECKPOINT [NETWORK], got {len(values)} values: {" ".join(values)}')
+    label, checkpoint = values[0], values[1]
+    network = values[2] if len(values) == 3 else None
+    if network is not None and network.endswith(('.yml', '.yaml')):
+        return label, checkpoint, None, network
+    return label, checkpoint, network, None
 
 
 def load_model(*, arch: Optional[str], opt_path: Optional[str], checkpoint: str,
