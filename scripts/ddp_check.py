@@ -141,7 +141,8 @@ def prepare_data(hr: str, work: str) -> Dict[str, str]:
 
 
 def probe(args) -> None:
-    """(Runs in its own process.) Memory and time of one training step at two batch sizes."""
+    """(Runs in its own process.) Memory and time of a training step: at two small batches, then at
+    the largest batch that the memory they take says fits one GPU."""
     import torch
     import torch.nn.functional as F
 
@@ -150,6 +151,7 @@ def probe(args) -> None:
     from dvmsr_arch.ops import resolve_backend
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    memory = torch.cuda.get_device_properties(device).total_memory / 2**20 if device.type == 'cuda' else None
     nets = json.loads(args.nets)
     result = {'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
               'scan_backend': resolve_backend('auto', device), 'torch': torch.__version__}
@@ -158,8 +160,8 @@ def probe(args) -> None:
         teacher = build_network(dict(nets['teacher'])).to(device).eval().requires_grad_(False) \
             if label == 'distill' else None
         optimizer = torch.optim.Adam(student.parameters(), lr=2e-4, betas=(0.9, 0.99))
-        points = {}
-        for batch in args.batches:
+
+        def measure(batch: int) -> dict:
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -181,8 +183,12 @@ def probe(args) -> None:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
             peak = torch.cuda.max_memory_reserved() / 2**20 if device.type == 'cuda' else None
-            points[batch] = {'step_s': min(times[1:]), 'peak_reserved_mib': peak}
-        result[label] = points
+            return {'step_s': min(times[1:]), 'peak_reserved_mib': peak}
+
+        points = {batch: measure(batch) for batch in args.batches}
+        fit = fitting_batch(points, memory)
+        fit.update(measure(fit['batch']))  # the real step time and memory at that batch
+        result[label] = {'points': points, 'fit': fit}
         del student, teacher, optimizer
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=1)
@@ -196,20 +202,17 @@ def run_probe(nets: dict, work: str, batches=(2, 4)) -> dict:
         return json.load(f)
 
 
-def fitting_batch(points: dict, memory_mib: Optional[int], cap: int = PAPER_TOTAL_BATCH) -> dict:
+def fitting_batch(points: dict, memory_mib: Optional[float], cap: int = PAPER_TOTAL_BATCH) -> dict:
     """The largest power of two <= cap whose linear memory estimate fits MEMORY_SHARE of one GPU."""
     (b1, p1), (b2, p2) = sorted(((int(b), p) for b, p in points.items()))[:2]
     if memory_mib is None or p1['peak_reserved_mib'] is None:
-        batch = 4
-        per_image = base = None
-    else:
-        per_image = max((p2['peak_reserved_mib'] - p1['peak_reserved_mib']) / (b2 - b1), 1.0)
-        base = p1['peak_reserved_mib'] - b1 * per_image
-        batch = 1
-        while batch * 2 <= cap and base + batch * 2 * per_image <= MEMORY_SHARE * memory_mib:
-            batch *= 2
-    step = p1['step_s'] + (p2['step_s'] - p1['step_s']) / (b2 - b1) * (batch - b1)
-    return {'batch': batch, 'per_image_mib': per_image, 'base_mib': base, 'estimated_step_s': max(step, 1e-3)}
+        return {'batch': 4, 'per_image_mib': None, 'base_mib': None}
+    per_image = max((p2['peak_reserved_mib'] - p1['peak_reserved_mib']) / (b2 - b1), 1.0)
+    base = p1['peak_reserved_mib'] - b1 * per_image
+    batch = 1
+    while batch * 2 <= cap and base + batch * 2 * per_image <= MEMORY_SHARE * memory_mib:
+        batch *= 2
+    return {'batch': batch, 'per_image_mib': per_image, 'base_mib': base}
 
 
 # --- phases 3-5: training runs ----------------------------------------------------------------------
@@ -450,11 +453,13 @@ def main() -> None:
         summary['scan_backend_fallback'] = 'torch'
         os.environ['DVMSR_SCAN_BACKEND'] = 'torch'
         summary['probe'] = run_probe(nets, args.work)
-    teacher_fit = fitting_batch(summary['probe']['teacher'], memory)
-    distill_fit = fitting_batch(summary['probe']['distill'], memory)
+    teacher_fit, distill_fit = summary['probe']['teacher']['fit'], summary['probe']['distill']['fit']
+    # The step time scales the log, validation and checkpoint intervals only; a batch given on the
+    # command line keeps the probe's per-image time.
     teacher_batch = args.teacher_batch or teacher_fit['batch']
     total = args.total_batch or distill_fit['batch']
-    summary['probe'].update({'teacher_fit': teacher_fit, 'distill_fit': distill_fit})
+    teacher_fit['estimated_step_s'] = teacher_fit['step_s'] * teacher_batch / teacher_fit['batch']
+    distill_fit['estimated_step_s'] = distill_fit['step_s'] * total / distill_fit['batch']
     log(f'probe: teacher batch {teacher_batch}, distillation total batch {total}; {summary["probe"]}')
     save()
 
