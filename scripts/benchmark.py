@@ -5,7 +5,7 @@
     python scripts/benchmark.py report --lr-dir ../shared/data/Set5/LR_bicubic/X4
     python scripts/benchmark.py all --set5 ../shared/data/Set5 --out results/bench   # everything below
 
-Subcommands (each writes ``<name>.json`` and ``<name>.md`` into ``--out``):
+Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profile`` also ``<name>.md``):
 
 ``report``    per model: runtime per image (CUDA events around the forward only, after warm-up;
               median and mean), parameters, FLOPs (fvcore convention and full count, from
@@ -15,7 +15,9 @@ Subcommands (each writes ``<name>.json`` and ``<name>.md`` into ``--out``):
 ``fidelity``  true-fp32 max difference to the float64 path, and Set5 PSNR in every precision mode.
 ``train``     one training step (batch 64, LR 64x64, fwd + bwd + Adam) and gradients against float64.
 ``profile``   PyTorch profiler, GPU kernel time per forward, per kernel.
-``all``       all of the above in one process.
+``floor``     bytes and exp2 the released student must move and compute per size, and the times
+              they take at given ceilings (no device needed).
+``all``       report, scan, fidelity, train and profile in one process.
 
 Precision modes: ``fp32`` (true fp32: no TF32 anywhere), ``tf32`` (the default fast mode: TF32
 for matmuls and convolutions), ``fp16``/``bf16`` (autocast; the scan state stays fp32).
@@ -600,6 +602,59 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
 
 
 # ----------------------------------------------------------------------------------------------
+# floor: what the released student must move and compute, layer by layer as the CUDA path runs
+
+
+def floor_per_token(embed: int = 60, inner: int = 120, state: int = 16, rank: int = 4, vimms: int = 8,
+                    rssbs: int = 4, out_channels: int = 48, element_bytes: int = 4) -> Dict[str, float]:
+    """Bytes and operations per LR pixel, each kernel reading its inputs and writing its outputs once.
+
+    The structure is the one ``MambaMixer._forward_triton`` runs: LayerNorm, in_proj, conv1d+SiLU,
+    x_proj, the two scan passes (summary, output), out_proj; plus the RSSB convolutions and skips.
+    """
+    per_vimm = (2 * embed  # LayerNorm
+                + embed + 2 * inner  # in_proj
+                + 2 * inner  # conv1d + SiLU
+                + inner + rank + 2 * state  # x_proj
+                + inner + rank + state  # scan summary pass: u, dt, B
+                + 2 * inner + rank + 2 * state + inner)  # scan output pass: u, z, dt, B, C -> y
+    per_rssb = 2 * embed + 3 * embed  # 3x3 conv, then the skip addition
+    rest = (2 * embed  # patch-embed LayerNorm
+            + 3 + embed  # conv_first
+            + 2 * embed + 2 * embed + embed  # norm_f, conv_after_body, long skip
+            + embed + out_channels + 2 * out_channels + 2 * 3)  # upsampler conv, PixelShuffle, mean
+    elements = vimms * per_vimm + rssbs * per_rssb + rest
+    scan_elements = vimms * (inner + rank + state + 2 * inner + rank + 2 * state + inner)
+    matmul_flops = 2 * vimms * (embed * 2 * inner + inner * (rank + 2 * state) + inner * embed)
+    conv_flops = 2 * 9 * ((rssbs + 1) * embed * embed + 3 * embed + embed * out_channels)
+    return {'bytes': elements * element_bytes, 'scan_bytes': scan_elements * element_bytes,
+            'exp2': vimms * 2 * inner * state,  # two scan passes, one exp2 per state
+            'tensor_flops': matmul_flops + conv_flops}
+
+
+def run_floor(args, device: torch.device) -> Dict[str, object]:
+    """Lower bounds per forward from the counts above and the device's ceilings."""
+    per_token = floor_per_token(element_bytes=2 if args.precision in ('fp16', 'bf16') else 4)
+    bandwidth = args.bandwidth_gbps * 1e9
+    results = {'per_token': per_token, 'bandwidth_GBps': args.bandwidth_gbps, 'exp2_per_s': args.exp2_rate,
+               'tensor_flops_per_s': args.tensor_tflops * 1e12, 'precision': args.precision, 'sizes': {}}
+    for label in args.sizes:
+        height, width = parse_size(label)
+        tokens = height * width
+        memory_ms = per_token['bytes'] * tokens / bandwidth * 1e3
+        scan_memory_ms = per_token['scan_bytes'] * tokens / bandwidth * 1e3
+        exp_ms = per_token['exp2'] * tokens / args.exp2_rate * 1e3
+        tensor_ms = per_token['tensor_flops'] * tokens / (args.tensor_tflops * 1e12) * 1e3
+        # Kernels run one after another: the scan kernels are bound by exp2 or memory, the rest by memory.
+        structure_ms = memory_ms - scan_memory_ms + max(scan_memory_ms, exp_ms)
+        results['sizes'][label] = dict(tokens=tokens, gbytes=per_token['bytes'] * tokens / 1e9, memory_ms=memory_ms,
+                                       scan_exp2_ms=exp_ms, tensor_ms=tensor_ms, floor_ms=structure_ms)
+        print(f'floor {label:>10s}: {per_token["bytes"] * tokens / 1e9:6.2f} GB -> {memory_ms:7.3f} ms; '
+              f'scan exp2 {exp_ms:7.3f} ms; tensor {tensor_ms:6.3f} ms; structure floor {structure_ms:7.3f} ms')
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def write(out_dir: Optional[str], name: str, results: Dict[str, object], markdown: Optional[str] = None) -> None:
@@ -627,7 +682,7 @@ def parse_weights(items: Sequence[str]) -> Dict[str, str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('command', choices=('report', 'scan', 'fidelity', 'train', 'profile', 'all'))
+    parser.add_argument('command', choices=('report', 'scan', 'fidelity', 'train', 'profile', 'floor', 'all'))
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--models', nargs='+', default=['dvmsr'], help='dvmsr and/or rlfn (rlfn is always added)')
     parser.add_argument('--weights', nargs='*', default=[], help='MODEL=PATH (default: ../shared/weights/...)')
@@ -656,6 +711,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--profile-size', default='339x510')
     parser.add_argument('--profile-runs', type=int, default=5)
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])
+    parser.add_argument('--bandwidth-gbps', type=float, default=3890.0,
+                        help='floor: memory bandwidth (default: a device-to-device copy measured on an H200)')
+    parser.add_argument('--exp2-rate', type=float, default=16 * 132 * 1.98e9,
+                        help='floor: exp2 per second (default: H100/H200, 16 per SM per clock, 132 SMs, 1.98 GHz)')
+    parser.add_argument('--tensor-tflops', type=float, default=495.0, help='floor: dense TF32 rate')
     parser.add_argument('--out', help='folder for the JSON and markdown files')
     args = parser.parse_args(argv)
     args.weights = parse_weights(args.weights)
@@ -684,6 +744,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 write(args.out, 'fidelity', run_fidelity(args, device))
             elif command == 'train':
                 write(args.out, 'train', run_train(args, device))
+            elif command == 'floor':
+                write(args.out, 'floor', run_floor(args, device))
             elif command == 'profile':
                 results = run_profile(args, device)
                 write(args.out, 'profile', results, '\n\n'.join(f'## {k}\n```\n{v}\n```' for k, v in

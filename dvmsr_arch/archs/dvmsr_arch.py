@@ -289,6 +289,9 @@ class DVMSR(nn.Module):
         ``rssb``: the output of each RSSB as images (B, C, H, W); ``body``: deep features at the end of
         the body (after ``conv_after_body`` and the long skip), the input of the upsampler.
         """
+        return self._run(x, keep_features=True)
+
+    def _run(self, x: Tensor, keep_features: bool) -> Tuple[Tensor, Dict[str, object]]:
         size = (x.shape[2], x.shape[3])
         fused = resolve_backend(self.scan_backend, x.device) == 'triton'
         x = (x - self.mean) * self.img_range
@@ -297,7 +300,8 @@ class DVMSR(nn.Module):
         rssb = []
         for layer in self.layers:
             tokens = layer(tokens, size)
-            rssb.append(tokens)
+            if keep_features:  # holding them costs an activation-sized buffer per RSSB
+                rssb.append(tokens)
         body = self.conv_after_body(tokens_to_images(layer_norm(self.norm_f, tokens, fused), size)) + shallow
         if _autocast_enabled(x.device.type):
             # The last convolutions set the output pixels directly: under autocast they stay in fp32.
@@ -314,7 +318,7 @@ class DVMSR(nn.Module):
         return self.upsample(body)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_features(x)[0]
+        return self._run(x, keep_features=False)[0]
 
 
 def _autocast_enabled(device_type: str) -> bool:
