@@ -20,10 +20,11 @@ run length, logging, validation and checkpoint frequencies, EMA decay). In order
 
 Runs stop at their time limit (SIGTERM to the process group). Throughput comes from the time stamps
 of BasicSR's log lines after warm-up, leaving out intervals with a validation or a checkpoint;
-data-loader waiting from BasicSR's ``data_time``; GPU memory per rank from ``nvidia-smi`` sampled
+data-loader waiting from BasicSR's ``data_time`` (after warm-up too); GPU memory per rank from ``nvidia-smi`` sampled
 every half second (all of the process: CUDA context, cache and all) and, for one step, from
 PyTorch's allocator in the probe. Writes ``summary.json``, ``summary.md`` and ``logs.tar.gz`` under
-``--out`` and prints the summary last.
+``--out`` and prints the summary last. ``python scripts/ddp_check.py parse-log LOG TOTAL_BATCH ...``
+reads saved training logs again.
 """
 import argparse
 import json
@@ -291,6 +292,7 @@ def run_training(opt: dict, gpus: List[int], seconds: float, work: str, torchrun
 
 ITER_LINE = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO: \[.*?\]\[epoch:\s*\d+, iter:\s*([\d,]+), '
                        r'lr:\(.*?\)\] \[eta: .*?, time \(data\): ([\d.]+) \(([\d.]+)\)\] (.*)$')
+TIMER_BLOCK = 201  # BasicSR's AvgTimer restarts its mean after 201 records (window 200)
 STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO: (.*)$')
 
 
@@ -334,9 +336,18 @@ def parse_log(text: str, total_batch: int) -> dict:
             summary.update({'iterations_per_s': round(done / spent, 3),
                             'images_per_s': round(done * total_batch / spent, 1),
                             'measured_iterations': done, 'measured_s': round(spent, 1)})
-        tail = iters[-1]
-        summary['data_wait_share'] = round(tail['data_time'] / tail['time'], 3) if tail['time'] else None
-        summary['data_time_s'], summary['iter_time_s'] = tail['data_time'], tail['time']
+        # BasicSR logs running means of the data and iteration times over blocks of 201 iterations;
+        # mean x count gives running totals, whose differences between two lines of one block are
+        # the time spent in between, so the start-up (workers spawning) stays out.
+        def total(row, key):
+            return row[key] * ((row['iter'] - 1) % TIMER_BLOCK + 1)
+
+        same_block = [(a, b) for a, b in clean if (a['iter'] - 1) // TIMER_BLOCK == (b['iter'] - 1) // TIMER_BLOCK]
+        waited = sum(total(b, 'data_time') - total(a, 'data_time') for a, b in same_block)
+        stepped = sum(total(b, 'time') - total(a, 'time') for a, b in same_block)
+        if stepped > 0:
+            summary['data_wait_share'] = round(waited / stepped, 3)
+            summary['data_wait_s_per_iter'] = round(waited / sum(b['iter'] - a['iter'] for a, b in same_block), 4)
     return summary
 
 
@@ -387,6 +398,13 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ['parse-log']:  # re-read saved logs: python scripts/ddp_check.py parse-log LOG BATCH
+        for log_path, total_batch in zip(sys.argv[2::2], sys.argv[3::2]):
+            with open(log_path) as f:
+                parsed = parse_log(f.read(), int(total_batch))
+            parsed.pop('loss_curve')
+            print(osp.basename(log_path), json.dumps(parsed))
+        return
     if sys.argv[1:2] == ['probe']:  # the probe's own process, started by run_probe
         probe_parser = argparse.ArgumentParser(prog='ddp_check.py probe')
         probe_parser.add_argument('--out', required=True)
