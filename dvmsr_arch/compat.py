@@ -64,9 +64,8 @@ def load_resume_state_on_any_device(opt):
 _train_module.load_resume_state = load_resume_state_on_any_device
 
 # --- Multi-GPU, crash-safe checkpoints and input errors ---------------------------------------
-# Everything below patches basicsr 1.4.2 after the shim above, so its first import may happen here.
+# Each patch below wraps or replaces one basicsr 1.4.2 function, imported after the shim above.
 import functools  # noqa: E402
-import os  # noqa: E402
 import tempfile  # noqa: E402
 import types  # noqa: E402
 
