@@ -19,12 +19,12 @@ run length, logging, validation and checkpoint frequencies, EMA decay). In order
    batch (``batch_size_per_gpu`` = total / N), for ``--scaling-seconds``.
 
 Runs stop at their time limit (SIGTERM to the process group). Throughput comes from the time stamps
-of BasicSR's log lines after warm-up, leaving out intervals with a validation or a checkpoint;
-data-loader waiting from BasicSR's ``data_time`` (after warm-up too); GPU memory per rank from ``nvidia-smi`` sampled
-every half second (all of the process: CUDA context, cache and all) and, for one step, from
-PyTorch's allocator in the probe. Writes ``summary.json``, ``summary.md`` and ``logs.tar.gz`` under
-``--out`` and prints the summary last. ``python scripts/ddp_check.py parse-log LOG TOTAL_BATCH ...``
-reads saved training logs again.
+of BasicSR's log lines after warm-up, leaving out intervals with a validation or a checkpoint, and
+data-loader waiting from BasicSR's ``data_time`` over the same intervals; GPU memory per rank from
+``nvidia-smi`` sampled every half second (all of the process: CUDA context, cache and all) and, for
+one step, from PyTorch's allocator in the probe. Writes ``summary.json``, ``summary.md`` and
+``logs.tar.gz`` under ``--out`` and prints the summary last.
+``python scripts/ddp_check.py parse-log LOG TOTAL_BATCH ...`` reads saved training logs again.
 """
 import argparse
 import json
@@ -162,7 +162,7 @@ def probe(args) -> None:
             if label == 'distill' else None
         optimizer = torch.optim.Adam(student.parameters(), lr=2e-4, betas=(0.9, 0.99))
 
-        def measure(batch: int) -> dict:
+        def measure(batch: int, student=student, teacher=teacher, optimizer=optimizer) -> dict:
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -437,7 +437,6 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     inventory = gpu_inventory()
-    memory = inventory[0]['memory_total_mib'] if inventory else None
     if inventory and max(args.gpus) > len(inventory):
         parser.error(f'--gpus {max(args.gpus)}: this machine has {len(inventory)} GPUs')
     summary = {'machine': inventory, 'runs': [], 'started': time.strftime('%Y-%m-%d %H:%M:%S')}

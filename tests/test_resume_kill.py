@@ -94,7 +94,7 @@ def test_auto_resume_continues_iteration_lr_optimizer_and_ema(killed_run, copy_o
     result = resume()
     assert result.returncode == 0, result.stderr[-3000:]
     new_log = max(exp.glob('train_*.log'), key=lambda p: p.stat().st_mtime).read_text()
-    assert f'Resuming training from epoch: ' in new_log and f'iter: {newest}.' in new_log
+    assert 'Resuming training from epoch: ' in new_log and f'iter: {newest}.' in new_log
 
     # Iterations go on from the state, at the rates the schedule gives, before the kill and after.
     resumed = logged(new_log)
