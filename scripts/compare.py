@@ -17,7 +17,6 @@ from pathlib import Path
 ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
 sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dvmsr_arch  # noqa: E402,F401  (first: it fits basicsr to this torchvision and registers the networks)

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     per_mp = f'{model_seconds * 1000 / megapixels:.0f} ms per input megapixel' if megapixels else 'no timing'
     mean_score = (f', mean PSNR-Y {np.mean([p for p, _ in scores]):.3f} dB, SSIM-Y {np.mean([q for _, q in scores]):.4f}'
                   if scores else '')
-    print(f'{done} images in {total:.1f} s, {per_mp}{mean_score}' + (f'; {len(failed)} failed' if failed else ''))
+    print(f'{done} image{"" if done == 1 else "s"} in {total:.1f} s, {per_mp}{mean_score}' + (f'; {len(failed)} failed' if failed else ''))
     return 1 if failed else 0
 
 

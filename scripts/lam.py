@@ -23,7 +23,6 @@ sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import dvmsr_arch  # noqa: E402,F401  (first: it fits basicsr to this torchvision and registers the networks)
 from basicsr.utils.matlab_functions import imresize  # noqa: E402
