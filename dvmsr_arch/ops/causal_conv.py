@@ -11,7 +11,5 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor, backend: str) ->
         out = scan_mamba.causal_conv1d_cuda(x, weight, bias, activation='silu')
         if out is not None:
             return out
-    kernel, length = weight.shape[-1], x.shape[-1]
-    # Padding both ends and keeping the first L outputs is the causal convolution, without a padded copy.
-    out = F.conv1d(x, weight, bias, padding=kernel - 1, groups=x.shape[1])[..., :length]
+    out = F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight, bias, groups=x.shape[1])
     return F.silu(out, inplace=not out.requires_grad)
