@@ -10,13 +10,9 @@ import torchvision.transforms.functional as _tv_functional
 # 0.17 removed; the one function basicsr takes from it (rgb_to_grayscale) lives on in `functional`.
 sys.modules.setdefault('torchvision.transforms.functional_tensor', _tv_functional)
 
-# --- Resume on any device, keeping a distillation teacher's own weights ------------------------
-# (Placed before later patches, which wrap basicsr's load_resume_state as left here.)
+# --- On resume, a distillation teacher keeps its own checkpoint --------------------------------
 import os  # noqa: E402
-from os import path as _osp  # noqa: E402
 
-import torch as _torch  # noqa: E402
-from basicsr import train as _train_module  # noqa: E402
 from basicsr.utils import misc as _misc  # noqa: E402
 
 TEACHER_PATH_KEYS = ('pretrain_network_t', 'param_key_t')
@@ -38,30 +34,6 @@ def check_resume_keeping_teacher(opt, resume_iter):
         else:
             opt['path'].pop(key, None)
 
-
-def load_resume_state_on_any_device(opt):
-    """basicsr's ``load_resume_state``, also without CUDA and from any working folder.
-
-    basicsr maps the state onto ``torch.cuda.current_device()``, which fails on a CPU-only machine,
-    and looks for ``--auto_resume`` states under ``./experiments`` instead of the run's own folder.
-    The state is read onto the CPU: ``Optimizer.load_state_dict`` moves each tensor to its
-    parameter's device anyway.
-    """
-    state_path = opt['path'].get('resume_state')
-    if opt['auto_resume']:
-        folder = opt['path']['training_states']
-        iters = [int(name[:-len('.state')]) for name in (os.listdir(folder) if _osp.isdir(folder) else [])
-                 if name.endswith('.state') and name[:-len('.state')].isdigit()]
-        if iters:
-            state_path = opt['path']['resume_state'] = _osp.join(folder, f'{max(iters)}.state')
-    if not state_path:
-        return None
-    resume_state = _torch.load(state_path, map_location='cpu', weights_only=True)
-    check_resume_keeping_teacher(opt, resume_state['iter'])
-    return resume_state
-
-
-_train_module.load_resume_state = load_resume_state_on_any_device
 
 # --- Multi-GPU, crash-safe checkpoints and input errors ---------------------------------------
 # Each patch below wraps or replaces one basicsr 1.4.2 function, imported after the shim above.
@@ -176,35 +148,34 @@ class _TorchWithAtomicSave(types.ModuleType):
 
 _base_model.torch = _TorchWithAtomicSave('torch')
 
-_load_resume_state = _basicsr_train.load_resume_state
+def load_resume_state(opt):
+    """basicsr's ``load_resume_state``, on any device, from the run's own folder, past torn files.
 
-
-def _load_newest_intact_state(opt):
-    """``--auto_resume`` from the newest training state that loads, not just the newest file.
-
-    basicsr takes the highest ``<iter>.state`` under the *current folder's* ``experiments/``; a
-    state torn by a crash (or by a full disk) then stops every later resume. This looks in the
-    experiment's own ``training_states`` folder, skips (and reports) states that fail to load or
-    whose network files do, and hands the chosen one to basicsr as an explicit ``resume_state``.
-    Temporary files left by a kill during an atomic save are removed.
+    basicsr maps the state onto ``torch.cuda.current_device()`` (which fails without CUDA), looks for
+    ``--auto_resume`` states under the *current folder's* ``experiments/``, and takes the highest
+    ``<iter>.state`` even when a crash or a full disk tore it, which then stops every later resume.
+    Here ``--auto_resume`` takes the newest state of the run's own ``training_states`` whose files
+    load (reporting those it skips, and removing temporary files a kill left behind); the state is
+    read onto the CPU, since ``Optimizer.load_state_dict`` moves each tensor to its parameter's
+    device anyway; and a distillation teacher keeps its own checkpoint.
     """
-    if not opt['auto_resume']:
-        return _load_resume_state(opt)
-    if opt['rank'] == 0:
-        for key in ('models', 'training_states'):
-            folder = opt['path'][key]
-            for name in os.listdir(folder) if os.path.isdir(folder) else []:
-                if name.startswith('.') and name.endswith('.tmp'):
-                    os.unlink(os.path.join(folder, name))
-    opt['path']['resume_state'] = _checks.newest_intact_state(opt, report=lambda line: print(line, flush=True))
-    opt['auto_resume'] = False
-    try:
-        return _load_resume_state(opt)
-    finally:
-        opt['auto_resume'] = True
+    if opt['auto_resume']:
+        if opt['rank'] == 0:
+            for key in ('models', 'training_states'):
+                folder = opt['path'][key]
+                for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                    if name.startswith('.') and name.endswith('.tmp'):
+                        os.unlink(os.path.join(folder, name))
+        opt['path']['resume_state'] = _checks.newest_intact_state(opt, report=lambda line: print(line, flush=True))
+    state_path = opt['path'].get('resume_state')
+    if not state_path:
+        return None
+    resume_state = torch.load(state_path, map_location='cpu', weights_only=True)
+    check_resume_keeping_teacher(opt, resume_state['iter'])
+    return resume_state
 
 
-_basicsr_train.load_resume_state = _load_newest_intact_state
+_basicsr_train.load_resume_state = load_resume_state
 
 _build_model = _basicsr_train.build_model
 
