@@ -2,11 +2,13 @@
 
 1. builds a small training set of real photographs from the images that ship inside scikit-image
    (``scripts/prepare_trainset.py``) and a validation set from two more (``scripts/make_benchmark.py``);
-2. trains a small DVMSR teacher (``dvmsr_arch/train.py -opt options/demo/train_teacher.yml``);
-3. distils a small student from it and, side by side, trains the same student without distillation
-   for as many iterations (``options/demo/train_student.yml``, ``train_student_nodistill.yml``);
-4. evaluates all three (``dvmsr_arch/test.py`` with ``options/demo/test_*.yml``) and bicubic
-   upscaling, and prints PSNR / SSIM on the Y channel.
+2. trains a small DVMSR teacher (``dvmsr_arch/train.py -opt options/demo/train_teacher.yml``) and,
+   side by side on the other core, a small student without distillation
+   (``options/demo/train_student_nodistill.yml``), which does not need the teacher;
+3. distils the same student from the teacher for as many iterations (``train_student.yml``), while
+   the other core evaluates the teacher and the plain student;
+4. evaluates the distilled student (``dvmsr_arch/test.py`` with ``options/demo/test_*.yml``) and
+   bicubic upscaling, and prints PSNR / SSIM on the Y channel.
 
 Everything it writes goes to ``datasets/demo/``, ``experiments/demo_*`` and ``results/demo_*``; a new
 run replaces what the previous one left there.
@@ -27,10 +29,11 @@ sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
 TRAIN_IMAGES = ('astronaut', 'rocket', 'motorcycle_left', 'motorcycle_right', 'hubble_deep_field', 'immunohistochemistry')
 VAL_IMAGES = ('chelsea', 'coffee')
 DATA = osp.join('datasets', 'demo')
-RUNS = (('teacher', 'demo_teacher', 'train_teacher.yml', 'test_teacher.yml'),
-        ('student (distilled)', 'demo_student', 'train_student.yml', 'test_student.yml'),
-        ('student without distillation', 'demo_student_nodistill', 'train_student_nodistill.yml',
-         'test_student_nodistill.yml'))
+TEACHER = ('teacher', 'demo_teacher', 'train_teacher.yml', 'test_teacher.yml')
+STUDENT = ('student, distilled', 'demo_student', 'train_student.yml', 'test_student.yml')
+PLAIN_STUDENT = ('student without distillation', 'demo_student_nodistill', 'train_student_nodistill.yml',
+                 'test_student_nodistill.yml')
+RUNS = (TEACHER, STUDENT, PLAIN_STUDENT)  # the order of the table
 # Lines of BasicSR's log worth showing while a step runs: training progress, the teacher, metrics.
 SHOWN = re.compile(r'epoch:\s*\d+, iter:|Validation|# psnr|# ssim|Teacher \w+ loaded|Error|error:')
 
@@ -121,11 +124,40 @@ def bicubic_scores() -> tuple:
     return float(np.mean(psnrs)), float(np.mean(ssims))
 
 
+def option(file_name: str) -> str:
+    return f'options/demo/{file_name}'
+
+
+def train(run: tuple, threads: int) -> 'Job':
+    _, name, train_file, _ = run
+    return start(['dvmsr_arch/train.py', '-opt', option(train_file)], name, threads)
+
+
+def evaluate(run: tuple, threads: int) -> 'Job':
+    _, name, _, test_file = run
+    return start(['dvmsr_arch/test.py', '-opt', option(test_file)], f'{name}_eval', threads)
+
+
+def scores(output: str) -> tuple:
+    """The last PSNR and SSIM that test.py logged."""
+    return (float(re.findall(r'# psnr: ([0-9.]+)', output)[-1]), float(re.findall(r'# ssim: ([0-9.]+)', output)[-1]))
+
+
+def size(run: tuple, log: str) -> tuple:
+    """(parameters, iterations) of a finished training run: its weights, and the last iteration its log shows."""
+    import torch
+
+    _, name, _, _ = run
+    weights = torch.load(osp.join(ROOT, 'experiments', name, 'models', 'net_g_latest.pth'), map_location='cpu')
+    iterations = int(re.findall(r'iter:\s*([\d,]+)', log)[-1].replace(',', ''))
+    return sum(t.numel() for t in weights['params_ema'].values()), iterations
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads of each training or test process (default 1: the two students '
-                             'train side by side, one per core, and a busy machine does not stall them)')
+                        help='torch threads of each training or test process (default 1: two processes run '
+                             'side by side, one per core, and a busy machine does not stall them)')
     args = parser.parse_args(argv)
     start_time = time.time()
     os.makedirs(osp.join(ROOT, DATA), exist_ok=True)
@@ -139,30 +171,33 @@ def main(argv=None) -> int:
 
     step(1, 'Building the training and validation sets from scikit-image photographs')
     build_data(args.threads)
-    (_, teacher, teacher_file, _), *students = RUNS
-    step(2, f'Training the teacher: options/demo/{teacher_file} ({elapsed()})')
-    run(['dvmsr_arch/train.py', '-opt', f'options/demo/{teacher_file}'], teacher, args.threads)
-    step(3, 'Training the two students side by side: '
-         + ' and '.join(f'options/demo/{train_file}' for _, _, train_file, _ in students) + f' ({elapsed()})')
-    jobs = [start(['dvmsr_arch/train.py', '-opt', f'options/demo/{train_file}'], name, args.threads)
-            for _, name, train_file, _ in students]
-    for job in jobs:
-        job.wait()
 
-    step(4, f'Evaluating on {", ".join(VAL_IMAGES)} (x4, Y channel, 4-pixel border cropped) ({elapsed()})')
-    rows = [('bicubic', *bicubic_scores())]
-    for label, name, _, test_file in RUNS:
-        output = run(['dvmsr_arch/test.py', '-opt', f'options/demo/{test_file}'], f'{name}_eval', args.threads)
-        psnr = float(re.findall(r'# psnr: ([0-9.]+)', output)[-1])
-        ssim = float(re.findall(r'# ssim: ([0-9.]+)', output)[-1])
-        rows.append((label, psnr, ssim))
+    # The student without distillation needs no teacher: it trains beside the teacher, so that each
+    # of the two cores has one process for the whole run.
+    step(2, f'Training the teacher ({option(TEACHER[2])}) and, beside it, the student without distillation '
+         f'({option(PLAIN_STUDENT[2])}) ({elapsed()})')
+    jobs = {run: train(run, args.threads) for run in (TEACHER, PLAIN_STUDENT)}
+    logs = {run: job.wait() for run, job in jobs.items()}
 
-    print(f'\nDemo results, x4 on {" and ".join(VAL_IMAGES)} (PSNR in dB / SSIM, Y channel), '
+    step(3, f'Distilling the student from the teacher ({option(STUDENT[2])}) and, beside it, evaluating '
+         f'the teacher and the plain student ({elapsed()})')
+    distillation = train(STUDENT, args.threads)
+    results = {run: scores(evaluate(run, args.threads).wait()) for run in (TEACHER, PLAIN_STUDENT)}
+    logs[STUDENT] = distillation.wait()
+
+    step(4, f'Evaluating the distilled student and bicubic upscaling on {", ".join(VAL_IMAGES)} ({elapsed()})')
+    results[STUDENT] = scores(evaluate(STUDENT, args.threads).wait())
+    rows = [('bicubic', '-', '-', *bicubic_scores())]
+    for run in RUNS:
+        parameters, iterations = size(run, logs[run])
+        rows.append((run[0], f'{parameters:,d}', f'{iterations:,d}', *results[run]))
+
+    print(f'\nDemo results, x4 on {" and ".join(VAL_IMAGES)} (Y channel, 4-pixel border cropped), '
           f'{time.time() - start_time:.0f} s in all:\n')
-    print(f'| {"model":<30} | {"PSNR":>6} | {"SSIM":>6} |')
-    print(f'|{"-" * 32}|{"-" * 8}|{"-" * 8}|')
-    for label, psnr, ssim in rows:
-        print(f'| {label:<30} | {psnr:6.2f} | {ssim:6.4f} |')
+    print(f'| {"model":<28} | {"parameters":>10} | {"iterations":>10} | {"PSNR (dB)":>9} | {"SSIM":>6} |')
+    print(f'|{"-" * 30}|{"-" * 12}|{"-" * 12}|{"-" * 11}|{"-" * 8}|')
+    for label, parameters, iterations, psnr, ssim in rows:
+        print(f'| {label:<28} | {parameters:>10} | {iterations:>10} | {psnr:9.2f} | {ssim:6.4f} |')
     print('\nWeights: experiments/demo_*/models/net_g_latest.pth; logs: datasets/demo/*.log and experiments/demo_*/')
     return 0
 
