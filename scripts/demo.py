@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from os import path as osp
+from typing import Optional
 
 ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
 sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
@@ -128,9 +129,28 @@ def option(file_name: str) -> str:
     return f'options/demo/{file_name}'
 
 
-def train(run: tuple, threads: int) -> 'Job':
+def train(run: tuple, threads: int, seed: Optional[int]) -> 'Job':
     _, name, train_file, _ = run
-    return start(['dvmsr_arch/train.py', '-opt', option(train_file)], name, threads)
+    return start(['dvmsr_arch/train.py', '-opt', seeded(train_file, seed)], name, threads)
+
+
+def seeded(train_file: str, seed: Optional[int]) -> str:
+    """The option file, or a copy of it in datasets/demo/options/ with another ``manual_seed``.
+
+    A copy, not ``--force_yml manual_seed=N``: BasicSR seeds its generators before it applies
+    ``--force_yml``, so that would change the logged option and nothing else.
+    """
+    if seed is None:
+        return option(train_file)
+    with open(osp.join(ROOT, option(train_file))) as f:
+        text, found = re.subn(r'^manual_seed: .*$', f'manual_seed: {seed}', f.read(), flags=re.MULTILINE)
+    if found != 1:
+        raise SystemExit(f'demo: {option(train_file)} has no top-level manual_seed line to change')
+    copy = osp.join(DATA, 'options', train_file)
+    os.makedirs(osp.join(ROOT, DATA, 'options'), exist_ok=True)
+    with open(osp.join(ROOT, copy), 'w') as f:
+        f.write(text)
+    return copy
 
 
 def evaluate(run: tuple, threads: int) -> 'Job':
@@ -158,9 +178,14 @@ def main(argv=None) -> int:
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads of each training or test process (default 1: two processes run '
                              'side by side, one per core, and a busy machine does not stall them)')
+    parser.add_argument('--seed', type=int, default=None,
+                        help="random seed of the three training runs (default: the option files' manual_seed, 0; "
+                             'another one runs copies of them written to datasets/demo/options/): it shows how '
+                             'much the table moves from run to run')
     args = parser.parse_args(argv)
     start_time = time.time()
     os.makedirs(osp.join(ROOT, DATA), exist_ok=True)
+    shutil.rmtree(osp.join(ROOT, DATA, 'options'), ignore_errors=True)  # a previous --seed run's copies
     for _, name, _, _ in RUNS:  # BasicSR would archive, not replace, a previous demo run's folders
         for folder in ('experiments', 'results'):
             for suffix in ('', '_eval'):
@@ -171,17 +196,19 @@ def main(argv=None) -> int:
 
     step(1, 'Building the training and validation sets from scikit-image photographs')
     build_data(args.threads)
+    if args.seed is not None:
+        print(f'    seed {args.seed}: training from copies of the option files in {osp.join(DATA, "options")}/')
 
     # The student without distillation needs no teacher: it trains beside the teacher, so that each
     # of the two cores has one process for the whole run.
     step(2, f'Training the teacher ({option(TEACHER[2])}) and, beside it, the student without distillation '
          f'({option(PLAIN_STUDENT[2])}) ({elapsed()})')
-    jobs = {run: train(run, args.threads) for run in (TEACHER, PLAIN_STUDENT)}
+    jobs = {run: train(run, args.threads, args.seed) for run in (TEACHER, PLAIN_STUDENT)}
     logs = {run: job.wait() for run, job in jobs.items()}
 
     step(3, f'Distilling the student from the teacher ({option(STUDENT[2])}) and, beside it, evaluating '
          f'the teacher and the plain student ({elapsed()})')
-    distillation = train(STUDENT, args.threads)
+    distillation = train(STUDENT, args.threads, args.seed)
     results = {run: scores(evaluate(run, args.threads).wait()) for run in (TEACHER, PLAIN_STUDENT)}
     logs[STUDENT] = distillation.wait()
 
