@@ -236,6 +236,7 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
     results: Dict[str, object] = {'machine': machine_info(device), 'precision': args.precision,
                                   'scan_backend': args.scan_backend, 'channels_last': args.channels_last,
                                   'cuda_graph': args.cuda_graph, 'scan_config': args.scan_config,
+                                  'backward_config': args.backward_config,
                                   'warmup': args.warmup, 'repeats': args.repeats, 'models': {}}
     torch.manual_seed(0)
     for name in models:
@@ -389,6 +390,14 @@ def scan_config_candidates():
         'lanes_t8_e32_c16_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=16, num_warps=1, **lanes),
         'lanes_t8_e128_c32_w4': ScanConfig(tile=8, block_e=128, tiles_per_chunk=32, num_warps=4, **lanes),
         'lanes_t16_e32_c16_w1': ScanConfig(tile=16, block_e=32, tiles_per_chunk=16, num_warps=1, **lanes),
+        'lanes_t8_e64_c32_w2': ScanConfig(tile=8, block_e=64, tiles_per_chunk=32, num_warps=2, **lanes),
+        'lanes_t4_e64_c32_w2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, **lanes),
+        'lanes_t8_e32_c8_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=8, num_warps=1, **lanes),
+        'lanes_t4_e64_c16_w2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=16, num_warps=2, **lanes),
+        'lanes_t4_e64_c64_w2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=64, num_warps=2, **lanes),
+        'lanes_t2_e64_c64_w2': ScanConfig(tile=2, block_e=64, tiles_per_chunk=64, num_warps=2, **lanes),
+        'lanes_t4_e128_c32_w4': ScanConfig(tile=4, block_e=128, tiles_per_chunk=32, num_warps=4, **lanes),
+        'lanes_t8_e64_c16_w2': ScanConfig(tile=8, block_e=64, tiles_per_chunk=16, num_warps=2, **lanes),
         'assoc_t8_e32_c32_w4': ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=4),
     }
 
@@ -431,9 +440,23 @@ def run_scan(args, device: torch.device) -> Dict[str, object]:
     cases = [(2, 24, 16, 1000, 4), (1, 120, 16, 4099, 4), (3, 7, 5, 77, 0), (2, 40, 16, 2500, 0)]
     if device.type == 'cpu':  # the interpreter: tiny sizes only
         cases = [(2, 6, 3, 29, 2), (1, 5, 4, 19, 0)]
-    results: Dict[str, object] = {'machine': machine_info(device), 'checks': check_scan(device, cases, args.seed)}
-    for row in results['checks']:
-        print('check', json.dumps(row), flush=True)
+    from dvmsr_arch.ops import scan_triton
+    results: Dict[str, object] = {'machine': machine_info(device), 'checks': []}
+    saved = scan_triton.FORWARD_CONFIG, scan_triton.BACKWARD_CONFIG
+    # Every kernel family is checked, whichever is the default: the configured pair first, then
+    # each candidate as both the forward and the backward shape.
+    pairs = {'configured': saved} if args.check_configs != ['none'] else {}
+    pairs.update({name: (cfg, cfg) for name, cfg in scan_config_candidates().items()
+                  if name in args.check_configs})
+    try:
+        for label, (forward, backward) in pairs.items():
+            scan_triton.set_configs(forward=forward, backward=backward)
+            for row in check_scan(device, cases, args.seed):
+                row['configs'] = label
+                results['checks'].append(row)
+                print('check', json.dumps(row), flush=True)
+    finally:
+        scan_triton.set_configs(*saved)
     if device.type == 'cuda':
         results['copy_GBps'] = copy_bandwidth(device)
         names = args.scan_configs or list(scan_config_candidates())
@@ -693,6 +716,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--channels-last', action='store_true', help='NHWC convolutions')
     parser.add_argument('--cuda-graph', action='store_true', help='report: time CUDA-graph replays of each forward')
     parser.add_argument('--scan-config', help='Triton scan kernel shape by name (see scan_config_candidates)')
+    parser.add_argument('--backward-config', help='Triton backward kernel shape by name (same names)')
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--repeats', type=int, default=20)
     parser.add_argument('--no-flops', action='store_true', help='skip the FLOP/activation count (CPU work)')
@@ -700,6 +724,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--scan-lengths', type=int, nargs='+', default=[339 * 510])
     parser.add_argument('--scan-configs', nargs='*', help='kernel shapes to time (default: all candidates)')
+    parser.add_argument('--check-configs', nargs='*', default=['lanes_t8_e32_c32_w1', 'assoc_t8_e32_c32_w4'],
+                        help='kernel shapes checked against float64 as forward and backward, besides the configured pair '
+                             '("none": no check at all, timings only)')
     parser.add_argument('--set5', default=osp.join(ROOT, '..', 'shared', 'data', 'Set5'))
     parser.add_argument('--modes', nargs='+', default=['fp32', 'tf32', 'fp16', 'bf16'], choices=PRECISIONS)
     parser.add_argument('--reference-backend', default='torch', choices=('torch', 'ref'),
@@ -722,12 +749,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('--device cuda: no CUDA device here; use --device cpu')
-    if args.scan_config:
-        candidates = scan_config_candidates()
-        if args.scan_config not in candidates:
-            raise SystemExit(f'--scan-config {args.scan_config!r}: one of {", ".join(candidates)}')
-        from dvmsr_arch.ops import scan_triton
-        scan_triton.set_configs(forward=candidates[args.scan_config])
+    for flag, key in (('--scan-config', 'forward'), ('--backward-config', 'backward')):
+        name = getattr(args, flag[2:].replace('-', '_'))
+        if name:
+            candidates = scan_config_candidates()
+            if name not in candidates:
+                raise SystemExit(f'{flag} {name!r}: one of {", ".join(candidates)}')
+            from dvmsr_arch.ops import scan_triton
+            scan_triton.set_configs(**{key: candidates[name]})
 
     commands = ('report', 'scan', 'fidelity', 'train', 'profile') if args.command == 'all' else (args.command,)
     failures = 0

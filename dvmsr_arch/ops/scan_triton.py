@@ -31,14 +31,15 @@ class ScanConfig:
     sequential: bool = False
 
 
-# The shapes measured and checked against float64 on a GPU (docs/performance.md, version 1). The
-# lane-per-channel backward (``sequential=True`` below) passes the interpreter tests but has not run
-# on a GPU yet: select it with set_configs() after measuring. Under autograd the forward pass runs
-# with the backward's tile, because the backward restarts from the states saved at every tile start.
-FORWARD_CONFIG = ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=1, sequential=True)
+# The shapes measured and checked against float64 on a GPU (docs/performance.md). Forward: the
+# lane-per-channel kernels (one channel per thread, its states in registers, each token's inputs
+# read one token ahead). Backward: the (T, E, N) block kernels, which trained faster on a GPU than
+# the lane-per-channel backward (``sequential=True``). Under autograd the forward pass runs with the
+# backward's tile, because the backward restarts from the states saved at every tile start.
+FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True)
 BACKWARD_CONFIG = ScanConfig(tile=8, block_e=16, tiles_per_chunk=32, num_warps=4)
-CARRY_BLOCK_CHUNKS = 32
-CARRY_BLOCK_STATES = 128
+CARRY_BLOCK_CHUNKS = 256
+CARRY_BLOCK_STATES = 16
 
 
 def set_configs(forward: Optional[ScanConfig] = None, backward: Optional[ScanConfig] = None) -> None:
@@ -78,6 +79,17 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float().contiguous()
 
 
+def _rows_aligned(dt: Optional[Tensor], B: Tensor, C: Tensor, rank: int, state: int) -> bool:
+    """Whether every token's row of dt, B and C is contiguous, starts on 16 bytes and fills its
+    power-of-two block: then the lane-per-channel kernels read each row with 128-bit loads. This
+    holds for the network's token-major x_proj output (rank 4, state 16) and for few other callers."""
+    rows = [B, C] + ([dt] if rank else [])
+    if state != _pow2(state) or state % 4 or (rank and (rank != _pow2(rank) or rank % 4)):
+        return False
+    return all(t.dtype == torch.float32 and t.stride(1) == 1 and t.stride(0) % 4 == 0 and t.stride(2) % 4 == 0
+               and t.data_ptr() % 16 == 0 for t in rows)
+
+
 def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
                   out: Optional[Tensor], save_states: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -100,6 +112,7 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
                   SOFTPLUS=softplus, num_warps=cfg.num_warps)
     if cfg.sequential:
         shapes['RANK_PAD'] = _pow2(max(rank, 1))
+    forward_shapes = dict(shapes, ALIGNED=cfg.sequential and _rows_aligned(delta if rank else None, B, C, rank, state))
     f32 = dict(device=u.device, dtype=torch.float32)
     # The kernels keep every (E, N) array as (N, E) in memory and dt_proj's weight as (R, E): a
     # lane-per-channel kernel then reads consecutive channels.
@@ -113,7 +126,8 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
         decay, end_state = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
         summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
         summary[grid](u, delta, w, bias, A, B, decay, end_state, length, inner, state, n_chunks,
-                      cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), **shapes)
+                      cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
+                      **(forward_shapes if cfg.sequential else shapes))
         carry_in = torch.empty(batch, n_chunks, inner, state, **f32)
         k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
             decay, end_state, carry_in, n_chunks, inner * state, REVERSE=False, BLOCK_C=CARRY_BLOCK_CHUNKS,
@@ -124,7 +138,7 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
                  states if states is not None else any_t, length, inner, state, n_chunks, n_tiles, cfg.tiles_per_chunk,
                  *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
                  *out.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_CARRY=n_chunks > 1,
-                 SAVE_STATES=save_states, **shapes)
+                 SAVE_STATES=save_states, **(forward_shapes if cfg.sequential else shapes))
     return out, states
 
 

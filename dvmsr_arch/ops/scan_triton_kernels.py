@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _affine_combine(a_left, b_left, a_right, b_right):
 @triton.jit
 def _softplus(x):
     # torch.nn.functional.softplus with its threshold of 20.
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(tl.minimum(x, 20.0) * LOG2E)) * LN2)
 
 
 @triton.jit
@@ -407,13 +408,101 @@ def _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK: tl.
     return A2, W, bias
 
 
+@triton.jit
+def _row(ptr, base, t, s_k, s_l, k, k_mask, valid, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Token ``t``'s row of dt, B or C as a 1-D vector that every thread holds whole, fp32.
+
+    ALIGNED: the row is contiguous (s_k == 1), starts on 16 bytes and fills its block (no k_mask),
+    so it loads as a few 128-bit broadcast loads from one address. MASKED: ``t`` may lie past the
+    sequence end (the last chunk only).
+    """
+    if ALIGNED:
+        offs = tl.multiple_of(base + t * s_l, 4) + k
+    else:
+        offs = base + t * s_l + k * s_k
+    if MASKED:
+        row = tl.load(ptr + offs, mask=k_mask & valid, other=0.0)
+    elif ALIGNED:
+        row = tl.load(ptr + offs)
+    else:
+        row = tl.load(ptr + offs, mask=k_mask, other=0.0)
+    return row.to(tl.float32)
+
+
+@triton.jit
+def _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, L, e, e_mask, n,
+               n_mask, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """What a lane-per-channel kernel reads for token ``t``: dt's row (or this lane's delta), u, B (fp32)."""
+    valid = t < L
+    ev_mask = (e_mask & valid) if MASKED else e_mask
+    if DT_RANK == 0:
+        dt = tl.load(delta_ptr + pid_b * s_db + e * s_de + t * s_dl, mask=ev_mask, other=0.0).to(tl.float32)
+    else:
+        r = tl.arange(0, RANK_PAD)
+        dt = _row(delta_ptr, pid_b * s_db, t, s_de, s_dl, r, r < DT_RANK, valid, ALIGNED, MASKED)
+    u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=ev_mask, other=0.0).to(tl.float32)
+    Bt = _row(B_ptr, pid_b * s_Bb, t, s_Bn, s_Bl, n, n_mask, valid, ALIGNED, MASKED)
+    return dt, u, Bt
+
+
+@triton.jit
+def _lane_delta(dt, W, bias, mask, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta of one token for this lane's channel from what ``_lane_load`` read; 0 where masked."""
+    if DT_RANK == 0:
+        raw = dt
+    else:
+        raw = tl.sum(W * dt[:, None], 0)
+    if HAS_BIAS:
+        raw += bias
+    if SOFTPLUS:
+        delta = _softplus(raw)
+    else:
+        delta = raw
+    return tl.where(mask, delta, 0.0)
+
+
+@triton.jit
+def _next_token(t, L, MASKED: tl.constexpr):
+    # The token whose inputs are read ahead. In a full chunk the read after its last token is
+    # thrown away; clamping keeps that read inside the tensors.
+    if MASKED:
+        return t + 1
+    else:
+        return tl.minimum(t + 1, L - 1)
+
+
+# The tile loops below read every token's inputs one token ahead, while the previous token is
+# computed: the scan itself is a chain through h, and without the read-ahead each token waited
+# for its own loads.
+@triton.jit
+def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, pid_c,
+                         L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, T: tl.constexpr,
+                         DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
+                                         pid_b, pid_c * tiles * T, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD,
+                                         ALIGNED, MASKED)
+    for k in range(tiles):
+        for i in tl.static_range(T):
+            t = (pid_c * tiles + k) * T + i
+            dt, u, Bt = dt_next, u_next, B_next
+            dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
+                                                 s_Bn, s_Bl, pid_b, _next_token(t, L, MASKED), L, e, e_mask, n,
+                                                 n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+            delta = _lane_delta(dt, W, bias, (e_mask & (t < L)) if MASKED else e_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
+            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+            total += delta
+    return h, total
+
+
 @triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de', 's_dl', 's_Bb',
                                's_Bn', 's_Bl'])
 def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_ptr, H_ptr, L, E, N, n_chunks, tiles,
                              s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, RANK_PAD: tl.constexpr):
-    """Same contract as ``_fwd_chunk_summary``."""
+                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, RANK_PAD: tl.constexpr,
+                             ALIGNED: tl.constexpr):
+    """Same contract as ``_fwd_chunk_summary``. Every chunk but the last runs without token masks."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -424,20 +513,58 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
     A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
     h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     total = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for k in range(tiles):
-        for i in tl.static_range(T):
-            t = (pid_c * tiles + k) * T + i
-            valid = t < L
-            delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD,
-                               HAS_BIAS, SOFTPLUS)
-            u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=e_mask & valid, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=n_mask & valid, other=0.0).to(tl.float32)
-            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
-            total += delta
+    if (pid_c + 1) * tiles * T <= L:
+        h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
+                                        pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, T,
+                                        DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED, False)
+    else:
+        h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
+                                        pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, T,
+                                        DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED, True)
     offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
     en_mask = e_mask[:, None] & n_mask[None, :]
     tl.store(P_ptr + offs, tl.exp2(total[:, None] * A2), mask=en_mask)
     tl.store(H_ptr + offs, h, mask=en_mask)
+
+
+@triton.jit
+def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl,
+                        s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b, pid_c, L, E, N,
+                        n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D, h, T: tl.constexpr,
+                        DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_STATES: tl.constexpr,
+                        ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    # Without a gate, z_ptr is u's: the read-ahead of z stays valid and its value unused.
+    t = pid_c * tiles * T
+    dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
+                                         pid_b, t, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+    C_next = _row(C_ptr, pid_b * s_Cb, t, s_Cn, s_Cl, n, n_mask, t < L, ALIGNED, MASKED)
+    z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=(e_mask & (t < L)) if MASKED else e_mask,
+                     other=0.0).to(tl.float32)
+    for k in range(tiles):
+        tile = pid_c * tiles + k
+        if SAVE_STATES:
+            tl.store(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, h, mask=en_mask & (tile < n_tiles))
+        for i in tl.static_range(T):
+            t = tile * T + i
+            ev_mask = (e_mask & (t < L)) if MASKED else e_mask
+            dt, u, Bt, Ct, z = dt_next, u_next, B_next, C_next, z_next
+            t_next = _next_token(t, L, MASKED)
+            dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
+                                                 s_Bn, s_Bl, pid_b, t_next, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD,
+                                                 ALIGNED, MASKED)
+            C_next = _row(C_ptr, pid_b * s_Cb, t_next, s_Cn, s_Cl, n, n_mask, t_next < L, ALIGNED, MASKED)
+            z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t_next * s_zl,
+                             mask=(e_mask & (t_next < L)) if MASKED else e_mask, other=0.0).to(tl.float32)
+            delta = _lane_delta(dt, W, bias, ev_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
+            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+            y = tl.sum(h * Ct[None, :], 1)
+            if HAS_D:
+                y += u * D
+            if HAS_Z:
+                y *= z * tl.sigmoid(z)
+            tl.store(y_ptr + pid_b * s_yb + e * s_ye + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=ev_mask)
+    return h
 
 
 @triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de', 's_dl',
@@ -448,8 +575,9 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
                             s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, T: tl.constexpr,
                             BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                            HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, RANK_PAD: tl.constexpr):
-    """Same contract as ``_fwd_chunk_output``."""
+                            HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, RANK_PAD: tl.constexpr,
+                            ALIGNED: tl.constexpr):
+    """Same contract as ``_fwd_chunk_output``. Every chunk but the last runs without token masks."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -462,31 +590,22 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
     A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    else:
+        D = bias  # unused
     if HAS_CARRY:
         h = tl.load(Hin_ptr + (pid_b * n_chunks + pid_c) * E * N + ne_offs, mask=en_mask, other=0.0)
     else:
         h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    for k in range(tiles):
-        tile = pid_c * tiles + k
-        if SAVE_STATES:
-            tl.store(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, h, mask=en_mask & (tile < n_tiles))
-        for i in tl.static_range(T):
-            t = tile * T + i
-            valid = t < L
-            ev_mask = e_mask & valid
-            delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD,
-                               HAS_BIAS, SOFTPLUS)
-            u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=ev_mask, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=n_mask & valid, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=n_mask & valid, other=0.0).to(tl.float32)
-            h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
-            y = tl.sum(h * Ct[None, :], 1)
-            if HAS_D:
-                y += u * D
-            if HAS_Z:
-                z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
-                y *= z * _sigmoid(z)
-            tl.store(y_ptr + pid_b * s_yb + e * s_ye + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=ev_mask)
+    if (pid_c + 1) * tiles * T <= L:
+        h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
+                                s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
+                                pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
+                                h, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, SAVE_STATES, ALIGNED, False)
+    else:
+        h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
+                                s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
+                                pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
+                                h, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, SAVE_STATES, ALIGNED, True)
 
 
 @triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'tiles', 's_db', 's_de', 's_dl', 's_Cb', 's_Cn', 's_Cl', 's_zb',
