@@ -26,7 +26,7 @@ import math
 import sys
 import warnings
 from os import path as osp
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
 sys.path.insert(0, ROOT)  # so a fresh clone runs without `pip install -e .`
@@ -143,8 +143,8 @@ class _FusedMixerKernel(torch.autograd.Function):
 
 def _fused_mixer_forward(mixer: MambaMixer):
 
-    def forward(tokens: Tensor) -> Tensor:
-        xz = mixer.in_proj(tokens)
+    def forward(tokens: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
+        xz = mixer.in_proj(norm(tokens) if norm is not None else tokens)
         if mixer.bidirectional:  # Vision Mamba: two fused scans, then out_proj in plain PyTorch
             return mixer.out_proj(_FusedMixerKernel.apply(xz, mixer.out_proj.in_features))
         return _FusedMixerKernel.apply(xz, mixer.out_proj.out_features)  # out_proj is fused too

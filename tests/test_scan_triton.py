@@ -49,9 +49,11 @@ def max_rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype=torch.float32):
+def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype=torch.float32, packed=False):
+    """``packed``: dt, B and C are slices of one token-major (batch, L, R + 2N) buffer, as the
+    network's x_proj makes them; with R and N multiples of 4 the kernels then use 128-bit row loads."""
     from dvmsr_arch.ops.scan_ref import selective_scan_ref
-    from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton, selective_scan_triton
+    from dvmsr_arch.ops.scan_triton import _rows_aligned, selective_scan_lowrank_triton, selective_scan_triton
 
     def seq(channels):
         if token_major:
@@ -62,6 +64,9 @@ def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype
         delta = seq(rank or inner) * 0.5
     else:  # no softplus: delta itself must be positive
         delta = seq(rank or inner).abs() * 0.3
+    if packed:
+        rows = torch.cat([delta, B, C], 1).transpose(1, 2).contiguous().transpose(1, 2)
+        delta, B, C = rows.split([rank, state, state], 1)
     weight = torch.randn(inner, rank).abs() * 0.5 if rank else None
     A = -torch.exp(torch.randn(inner, state) * 0.5)
     D, bias = (torch.randn(inner), torch.randn(inner) * 0.5) if with_extras else (None, None)
@@ -97,13 +102,14 @@ def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype
         else:
             out = selective_scan_triton(plain[0], plain[1], *plain[3:], delta_softplus=with_extras)
     result['no_grad_path'] = max_rel(out, ref.detach())
+    result['rows_aligned'] = _rows_aligned(inputs[1] if rank else None, inputs[4], inputs[5], rank, state)
     return result
 
 
 def fused_case():
     import torch.nn.functional as F
 
-    from dvmsr_arch.ops.fused_triton import causal_conv1d_silu_tokens, layer_norm_tokens
+    from dvmsr_arch.ops.fused_triton import causal_conv1d_silu_tokens, layer_norm_linear_tokens, layer_norm_tokens
     result = {}
     # LayerNorm over 6 channels (BLOCK_C 8), rows not a multiple of the row block, strided input.
     x = torch.randn(2, 6, 37).transpose(1, 2).requires_grad_()
@@ -131,6 +137,16 @@ def fused_case():
         y.backward(grad.float())
     result.update(conv_forward=max_rel(y.detach(), ref.detach()), conv_grad_x=max_rel(x.grad, x6.grad),
                   conv_grad_weight=max_rel(weight.grad, w6.grad), conv_grad_bias=max_rel(bias.grad, b6.grad))
+
+    # LayerNorm then in_proj in one kernel (inference), true fp32: the released width (60 -> 240)
+    # over 130 rows (a partial last row block), and a narrow one (6 -> 24) from strided input.
+    for name, channels, out_features, x in (('ln_linear_60', 60, 240, torch.randn(2, 65, 60)),
+                                            ('ln_linear_6', 6, 24, torch.randn(1, 6, 37).transpose(1, 2))):
+        norm_w, norm_b = torch.randn(channels), torch.randn(channels)
+        weight = torch.randn(out_features, channels) * channels**-0.5
+        ref = F.linear(F.layer_norm(x.double(), (channels,), norm_w.double(), norm_b.double(), 1e-5), weight.double())
+        with poisoned_empty():
+            result[name] = max_rel(layer_norm_linear_tokens(x, norm_w, norm_b, 1e-5, weight), ref)
     return result
 
 
@@ -175,6 +191,9 @@ def run_all_cases():
     results['plain_no_D_z_bias_softplus'] = scan_case(1, 5, 4, 19, 0, token_major=False, with_extras=False)
     scan_triton.set_configs(lanes, backward_lanes)
     results['lowrank_token_major_sequential'] = scan_case(1, 6, 3, 21, 2, token_major=True, with_extras=True)
+    # As the network calls it: R=4, N=4 packed rows (aligned loads), 3 full chunks and a partial one.
+    results['lowrank_packed_rows_sequential'] = scan_case(2, 6, 4, 29, 4, token_major=True, with_extras=True,
+                                                          packed=True)
     results['half_inputs'] = scan_case(1, 4, 4, 13, 2, token_major=True, with_extras=True, dtype=torch.float16)
     results['fused'] = fused_case()
     results['model'] = model_case()
@@ -197,9 +216,11 @@ def interpreted():
 
 @needs_triton
 @pytest.mark.parametrize('case', ['full_delta_channel_major', 'plain_no_D_z_bias_softplus',
-                                  'lowrank_token_major_sequential'])
+                                  'lowrank_token_major_sequential', 'lowrank_packed_rows_sequential'])
 def test_scan_matches_float64_ref(interpreted, case):
     result = interpreted[case]
+    # The packed case must take the 128-bit row-load path, the others the general one.
+    assert result['rows_aligned'] == (case == 'lowrank_packed_rows_sequential')
     assert result['forward'] < TOL
     assert result['no_grad_path'] < TOL
     grads = {k: v for k, v in result.items() if k.startswith('grad_')}

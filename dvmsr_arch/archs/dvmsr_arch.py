@@ -13,7 +13,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
-from dvmsr_arch.ops.fused_triton import causal_conv1d_silu_tokens, layer_norm_tokens
+from dvmsr_arch.ops.fused_triton import causal_conv1d_silu_tokens, layer_norm_linear_tokens, layer_norm_tokens
 from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -99,14 +99,19 @@ class MambaMixer(nn.Module):
     def uses_triton(self, device: torch.device) -> bool:
         return resolve_backend(self.scan_backend, device) == 'triton'
 
-    def _forward_triton(self, tokens: Tensor) -> Tensor:
+    def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
         """The same computation, token-major throughout: no transposes, no delta tensor.
 
-        Triton kernels for conv1d + SiLU and for the scan (which expands dt_proj itself); the
-        projections are single matmuls over (B*L, C) rows.
+        Triton kernels for LayerNorm (fused with in_proj for inference), conv1d + SiLU and the scan
+        (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
         """
         inner = self.in_proj.out_features // 2
-        xz = self.in_proj(tokens)  # (B, L, 2E)
+        if norm is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled():
+            xz = layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight)
+        else:
+            if norm is not None:
+                tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
+            xz = self.in_proj(tokens)  # (B, L, 2E)
         x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
@@ -118,10 +123,14 @@ class MambaMixer(nn.Module):
                                           delta_softplus=True, out=out)
         return self.out_proj(y.transpose(1, 2))
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
+        """Mix ``tokens`` (B, L, C), normalised by ``norm`` first if given (so that the Triton path
+        can fuse the normalisation into in_proj)."""
         backend = resolve_backend(self.scan_backend, tokens.device)
         if backend == 'triton' and not self.bidirectional:
-            return self._forward_triton(tokens)
+            return self._forward_triton(tokens, norm)
+        if norm is not None:
+            tokens = norm(tokens)
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
         y = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, backend)
         if self.bidirectional:
@@ -142,11 +151,10 @@ class ViMM(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = self.mixer.uses_triton(x.device)
         if self.residual:  # paper Eq. 4
-            return x + self.drop_path(self.mixer(layer_norm(self.norm, x, fused)))
+            return x + self.drop_path(self.mixer(x, norm=self.norm))
         # The released model: no skip, stochastic depth on the block input.
-        return self.mixer(layer_norm(self.norm, self.drop_path(x), fused))
+        return self.mixer(self.drop_path(x), norm=self.norm)
 
 
 class ViMMGroup(nn.Module):

@@ -1,4 +1,5 @@
-"""Triton LayerNorm and causal Conv1d + SiLU for token-major activations, with autograd.
+"""Triton LayerNorm and causal Conv1d + SiLU for token-major activations, with autograd, and
+LayerNorm followed by a Linear layer as one kernel for inference.
 
 PyTorch's LayerNorm kernel is slow on rows of 60 channels, and its Conv1d wants (batch, E, L)
 contiguous input, which costs a transpose and a padded copy per call. These kernels read and write
@@ -10,6 +11,8 @@ import torch
 from torch import Tensor
 
 LN_BLOCK_ROWS = 32
+LN_LINEAR_BLOCK_ROWS = 64
+LN_LINEAR_BLOCK_OUT = 64
 CONV_BLOCK_L = 64
 CONV_BLOCK_E = 32
 
@@ -65,6 +68,25 @@ def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Te
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return _LayerNorm.apply(x, weight, bias, eps)
     return _layer_norm_forward(x, weight, bias, eps, save_stats=False)[0]
+
+
+def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, weight: Tensor) -> Tensor:
+    """``F.linear(F.layer_norm(x), weight)`` without bias, for inference: one kernel reads x once and
+    writes only the projection, instead of writing the normalised tokens and reading them again.
+
+    x (batch, L, C) any strides with C <= 128; weight (OUT, C). The matmul uses TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32`` allows it, as ``F.linear`` would. Returns a contiguous
+    (batch, L, OUT) tensor of x's dtype.
+    """
+    batch, length, channels = x.shape
+    out_features = weight.shape[0]
+    rows = batch * length
+    y = torch.empty(batch, length, out_features, device=x.device, dtype=x.dtype)
+    _kernels()._layer_norm_linear_fwd[(_cdiv(rows, LN_LINEAR_BLOCK_ROWS),)](
+        x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, out_features, *x.stride(), eps,
+        BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)), BLOCK_O=LN_LINEAR_BLOCK_OUT,
+        TF32=bool(torch.backends.cuda.matmul.allow_tf32))
+    return y
 
 
 def _conv_grid(batch: int, length: int, inner: int):

@@ -130,3 +130,37 @@ def _causal_conv_bwd_dx(gpre_ptr, w_ptr, dx_ptr, L, E, K: tl.constexpr, BLOCK_L:
                     other=0.0)
         acc += g * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(dx_ptr + (pid_b * L + t[:, None]) * E + e[None, :], acc, mask=(t < L)[:, None] & e_mask[None, :])
+
+
+@triton.jit(do_not_specialize=['rows', 'L', 's_xb'])
+def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, OUT, s_xb, s_xl, s_xc, eps,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+                           TF32: tl.constexpr):
+    """y = LayerNorm(x) @ W^T for a block of token rows: the normalised rows stay in registers.
+
+    x (batch, L, C) any strides; W (OUT, C) contiguous; y (rows, OUT) contiguous. C fits one block.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    r_mask = r < rows
+    c_mask = c < C
+    mask = r_mask[:, None] & c_mask[None, :]
+    rb = (r // L).to(tl.int64)
+    rl = r % L
+    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / C
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+    nw = tl.load(nw_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    nb = tl.load(nb_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    xn = tl.where(mask, centred * rstd[:, None] * nw[None, :] + nb[None, :], 0.0)
+    out_rows = r.to(tl.int64)[:, None] * OUT
+    for o0 in range(0, OUT, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        o_mask = o < OUT
+        wt = tl.load(w_ptr + o[None, :] * C + c[:, None], mask=c_mask[:, None] & o_mask[None, :], other=0.0)
+        if TF32:
+            y = tl.dot(xn, wt.to(tl.float32), input_precision='tf32')
+        else:
+            y = tl.dot(xn, wt.to(tl.float32), input_precision='ieee')
+        tl.store(y_ptr + out_rows + o[None, :], y.to(y_ptr.dtype.element_ty), mask=r_mask[:, None] & o_mask[None, :])
