@@ -23,6 +23,7 @@ from tqdm import tqdm  # noqa: E402
 
 import dvmsr_arch  # noqa: E402,F401  (first: it fits basicsr to this torchvision and registers the networks)
 from basicsr.metrics import calculate_psnr, calculate_ssim  # noqa: E402
+from dvmsr_arch.ops import low_memory_inference  # noqa: E402
 from dvmsr_arch.utils import imageio, tiling  # noqa: E402
 from dvmsr_arch.utils.network import add_network_arguments, load_model, network_scale, resolve_device  # noqa: E402
 
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         '64 or more keeps PSNR within 0.05 dB on Set5, see docs/usage.md')
     parser.add_argument('--tile-pad', type=int, default=16, help='context around each tile, input pixels (default 16)')
     parser.add_argument('--half', action='store_true', help='run in float16 (CUDA only)')
+    parser.add_argument('--low-memory', action='store_true',
+                        help='DVMSR on CUDA: recompute conv1d instead of storing it (less GPU memory, a little slower)')
     parser.add_argument('--device', default='auto', help='cpu, cuda or cuda:N (default: cuda when available)')
     parser.add_argument('--suffix', default=None, help='added to each output name (default: _x<scale>)')
     parser.add_argument('--hr', default=None,
@@ -137,8 +140,9 @@ def main(argv=None) -> int:
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         tic = time.perf_counter()
-        sr, alpha = super_resolve(model, image, net_scale=net_scale, out_scale=out_scale, tile=args.tile,
-                                  tile_pad=args.tile_pad, device=device, dtype=dtype)
+        with low_memory_inference(args.low_memory):
+            sr, alpha = super_resolve(model, image, net_scale=net_scale, out_scale=out_scale, tile=args.tile,
+                                      tile_pad=args.tile_pad, device=device, dtype=dtype)
         seconds = time.perf_counter() - tic  # the result is already on the CPU, so the device is done
         imageio.write_image(target, sr, alpha=alpha, grayscale=image.grayscale, bit_depth=image.bit_depth)
         height, width = image.rgb.shape[:2]

@@ -13,7 +13,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
-from dvmsr_arch.ops.fused_triton import causal_conv1d_silu_tokens, layer_norm_linear_tokens, layer_norm_tokens
+from dvmsr_arch.ops.fused_triton import (causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
+                                        layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled)
 from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -102,11 +103,14 @@ class MambaMixer(nn.Module):
     def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
         """The same computation, token-major throughout: no transposes, no delta tensor.
 
-        Triton kernels for LayerNorm (fused with in_proj for inference), conv1d + SiLU and the scan
-        (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
+        Triton kernels for LayerNorm (inside in_proj's kernel for inference), conv1d + SiLU and the
+        scan (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
         """
+        inference = not torch.is_grad_enabled() and not torch.is_autocast_enabled()
+        if inference and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
+            return self._infer_triton_low_memory(tokens, norm)
         inner = self.in_proj.out_features // 2
-        if norm is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled():
+        if norm is not None and inference:
             xz = layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight)
         else:
             if norm is not None:
@@ -114,14 +118,33 @@ class MambaMixer(nn.Module):
             xz = self.in_proj(tokens)  # (B, L, 2E)
         x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
+        # For inference the scan writes into the x half of xz, which conv1d has consumed: one
         # (B, L, E) buffer less at the peak.
-        out = None if torch.is_grad_enabled() else xz[..., :inner].transpose(1, 2)
+        out = xz[..., :inner].transpose(1, 2) if inference else None
         y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
                                           -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                                           self.D.float(), xz[..., inner:].transpose(1, 2), self.dt_proj.bias.float(),
                                           delta_softplus=True, out=out)
         return self.out_proj(y.transpose(1, 2))
+
+    def _infer_triton_low_memory(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
+        """Inference that never stores conv1d's output (see :func:`dvmsr_arch.ops.low_memory_inference`):
+        conv1d + SiLU run inside x_proj's kernel and again inside the scan, which writes y over z.
+        Besides its input and output, a ViMM then holds only xz (B, L, 2E) and x_proj's rows."""
+        inner = self.in_proj.out_features // 2
+        if norm is not None:
+            xz = layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight)
+        else:
+            xz = self.in_proj(tokens)
+        x, z = xz[..., :inner], xz[..., inner:]
+        rows = causal_conv1d_silu_linear_tokens(x, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
+        dt, B, C = rows.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
+                                      -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                                      self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), delta_softplus=True,
+                                      out=z.transpose(1, 2), conv_weight=self.conv1d.weight,
+                                      conv_bias=self.conv1d.bias)
+        return self.out_proj(z)
 
     def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
         """Mix ``tokens`` (B, L, C), normalised by ``norm`` first if given (so that the Triton path

@@ -164,3 +164,38 @@ def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, OUT,
         else:
             y = tl.dot(xn, wt.to(tl.float32), input_precision='ieee')
         tl.store(y_ptr + out_rows + o[None, :], y.to(y_ptr.dtype.element_ty), mask=r_mask[:, None] & o_mask[None, :])
+
+
+@triton.jit(do_not_specialize=['L', 's_xb'])
+def _causal_conv_silu_linear_fwd(x_ptr, cw_ptr, cb_ptr, w_ptr, y_ptr, L, E, OUT, s_xb, s_xl, s_xe, K: tl.constexpr,
+                                 BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, TF32: tl.constexpr):
+    """y = silu(causal depthwise conv(x)) @ W^T for a block of tokens; the conv output stays in registers.
+
+    x (batch, L, E) any strides, conv weight (E, K), W (OUT, E) contiguous, y (batch * L, OUT)
+    contiguous. E fits one block.
+    """
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    pid_b = tl.program_id(1).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    if HAS_BIAS:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32) + tl.load(cb_ptr + e, mask=e_mask, other=0.0)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
+                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+        acc += xv * tl.load(cw_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    u = tl.where(e_mask[None, :], acc * tl.sigmoid(acc), 0.0)
+    rows = (pid_b * L + t).to(tl.int64)[:, None] * OUT
+    for o0 in range(0, OUT, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        o_mask = o < OUT
+        wt = tl.load(w_ptr + o[None, :] * E + e[:, None], mask=e_mask[:, None] & o_mask[None, :], other=0.0)
+        if TF32:
+            y = tl.dot(u, wt.to(tl.float32), input_precision='tf32')
+        else:
+            y = tl.dot(u, wt.to(tl.float32), input_precision='ieee')
+        tl.store(y_ptr + rows + o[None, :], y.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & o_mask[None, :])

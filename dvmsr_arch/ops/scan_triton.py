@@ -92,7 +92,10 @@ def _rows_aligned(dt: Optional[Tensor], B: Tensor, C: Tensor, rank: int, state: 
 
 def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
-                  out: Optional[Tensor], save_states: bool) -> Tuple[Tensor, Optional[Tensor]]:
+                  out: Optional[Tensor], save_states: bool, conv: Optional[Tuple[Tensor, Tensor]] = None
+                  ) -> Tuple[Tensor, Optional[Tensor]]:
+    """``conv``: (weight (E, 4), bias (E)) of a causal depthwise conv + SiLU that the kernels apply
+    to u themselves (lane-per-channel kernels only)."""
     k = _kernels()
     cfg = FORWARD_CONFIG
     if save_states and cfg.tile != BACKWARD_CONFIG.tile:
@@ -112,7 +115,10 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
                   SOFTPLUS=softplus, num_warps=cfg.num_warps)
     if cfg.sequential:
         shapes['RANK_PAD'] = _pow2(max(rank, 1))
-    forward_shapes = dict(shapes, ALIGNED=cfg.sequential and _rows_aligned(delta if rank else None, B, C, rank, state))
+    if cfg.sequential:
+        shapes.update(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state), CONV=conv is not None)
+    elif conv is not None:
+        raise ValueError('the scan applies a conv only with lane-per-channel forward kernels')
     f32 = dict(device=u.device, dtype=torch.float32)
     # The kernels keep every (E, N) array as (N, E) in memory and dt_proj's weight as (R, E): a
     # lane-per-channel kernel then reads consecutive channels.
@@ -120,14 +126,14 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     any_t = A  # stands in for absent optional tensors; never read
     w = dt_weight.t().contiguous() if dt_weight is not None else any_t
     bias = delta_bias if delta_bias is not None else any_t
+    lane_args = list(conv) if conv is not None else [any_t, any_t]  # conv weight, conv bias
 
     carry_in = any_t
     if n_chunks > 1:
         decay, end_state = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
         summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
-        summary[grid](u, delta, w, bias, A, B, decay, end_state, length, inner, state, n_chunks,
-                      cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
-                      **(forward_shapes if cfg.sequential else shapes))
+        summary[grid](u, delta, w, bias, A, B, decay, end_state, *(lane_args if cfg.sequential else []), length,
+                      inner, state, n_chunks, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), **shapes)
         carry_in = torch.empty(batch, n_chunks, inner, state, **f32)
         k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
             decay, end_state, carry_in, n_chunks, inner * state, REVERSE=False, BLOCK_C=CARRY_BLOCK_CHUNKS,
@@ -135,10 +141,10 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     states = torch.empty(batch, n_tiles, inner, state, **f32) if save_states else None
     output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
     output[grid](u, delta, w, bias, A, B, C, D if D is not None else any_t, z if z is not None else u, out, carry_in,
-                 states if states is not None else any_t, length, inner, state, n_chunks, n_tiles, cfg.tiles_per_chunk,
-                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
-                 *out.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_CARRY=n_chunks > 1,
-                 SAVE_STATES=save_states, **(forward_shapes if cfg.sequential else shapes))
+                 states if states is not None else any_t, *(lane_args if cfg.sequential else []), length, inner, state,
+                 n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
+                 *(z if z is not None else u).stride(), *out.stride(), HAS_D=D is not None, HAS_Z=z is not None,
+                 HAS_CARRY=n_chunks > 1, SAVE_STATES=save_states, **shapes)
     return out, states
 
 
@@ -222,18 +228,19 @@ class _SelectiveScan(torch.autograd.Function):
         return (*out, None)
 
 
-def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out):
+def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, conv=None):
     if u.device.type == 'cuda' and u.device.index != torch.cuda.current_device():
         torch.cuda.set_device(u.device)  # triton launches on the current device
     A, D, delta_bias = _f32(A), _f32(D), _f32(delta_bias)
     if dt_weight is not None:
         dt_weight = dt_weight.contiguous()
-    tensors = (u, delta, dt_weight, A, B, C, D, z, delta_bias)
+    tensors = (u, delta, dt_weight, A, B, C, D, z, delta_bias) + (conv or ())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        if out is not None:
-            raise ValueError('out= cannot be used while autograd records the scan')
+        if out is not None or conv is not None:
+            raise ValueError('out= and conv= are for inference: they cannot be used while autograd records the scan')
         return _SelectiveScan.apply(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus)
-    return _scan_forward(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, save_states=False)[0]
+    return _scan_forward(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, save_states=False,
+                         conv=conv)[0]
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -246,10 +253,21 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 def selective_scan_lowrank_triton(u: Tensor, dt: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                   D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                                   delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                                  out: Optional[Tensor] = None) -> Tensor:
+                                  out: Optional[Tensor] = None, conv_weight: Optional[Tensor] = None,
+                                  conv_bias: Optional[Tensor] = None) -> Tensor:
     """The scan with delta = dt_weight @ dt given by its factors, as Mamba's dt_proj makes it.
 
     dt: (batch, R, L); dt_weight: (E, R). The (batch, E, L) delta is formed inside the kernels only.
-    ``out`` (batch, E, L), any strides, receives y when autograd is not recording.
+    Without autograd: ``out`` (batch, E, L), any strides, receives y, and may be ``z`` itself (each
+    z_t is read before y_t is written over it); with ``conv_weight`` (E, 1, 4) and ``conv_bias``, u
+    is the input of Mamba's causal conv1d + SiLU, which the kernels apply as they read it, so the
+    conv output never exists in memory.
     """
-    return _run(u, dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, out)
+    conv = None
+    if conv_weight is not None:
+        if conv_weight.shape[-1] != 4 or FORWARD_CONFIG.sequential is False:
+            raise ValueError('conv_weight: the scan applies only a kernel-4 conv, with lane-per-channel kernels')
+        inner = conv_weight.shape[0]
+        conv = (conv_weight.reshape(inner, 4).float().contiguous(),
+                (conv_bias if conv_bias is not None else conv_weight.new_zeros(inner)).float().contiguous())
+    return _run(u, dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, out, conv)
