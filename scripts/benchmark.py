@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 import dvmsr_arch  # noqa: E402,F401  (registers the networks)
 from dvmsr_arch.archs.dvmsr_arch import DVMSR  # noqa: E402
 from dvmsr_arch.archs.rlfn_arch import RLFN  # noqa: E402
-from dvmsr_arch.ops import available_backends, resolve_backend  # noqa: E402
+from dvmsr_arch.ops import available_backends, low_memory_inference, resolve_backend  # noqa: E402
 
 DEFAULT_WEIGHTS = {
     'dvmsr': osp.join(ROOT, '..', 'shared', 'weights', 'dvmsr_ntire2024_official.pth'),
@@ -591,6 +591,7 @@ def run_train(args, device: torch.device) -> Dict[str, object]:
 
 
 def run_profile(args, device: torch.device) -> Dict[str, object]:
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     height, width = parse_size(args.profile_size)
     results: Dict[str, object] = {'machine': machine_info(device), 'size': args.profile_size, 'tables': {}}
@@ -616,8 +617,10 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
             table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
             results['tables'][key] = table
             print(table, flush=True)
-            events = [e for e in prof.key_averages() if getattr(e, 'self_device_time_total', 0) > 0]
-            total = sum(e.self_device_time_total for e in events) / args.profile_runs / 1e3
+            # Device-side events only (kernels, memsets, copies): the operator rows of the table
+            # carry their kernels' time as well and would count it twice.
+            total = sum(e.time_range.elapsed_us() for e in prof.events()
+                        if e.device_type == DeviceType.CUDA) / args.profile_runs / 1e3
             results.setdefault('gpu_ms_per_forward', {})[key] = total
             print(f'profile {key}: GPU kernel time {total:.3f} ms per forward', flush=True)
             del net
@@ -714,6 +717,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--precision', default='tf32', choices=PRECISIONS)
     parser.add_argument('--scan-backend', default='auto', help='selective-scan backend of DVMSR')
     parser.add_argument('--channels-last', action='store_true', help='NHWC convolutions')
+    parser.add_argument('--low-memory', action='store_true',
+                        help='DVMSR inference recomputes conv1d instead of storing it (dvmsr_arch.ops.low_memory_inference)')
     parser.add_argument('--cuda-graph', action='store_true', help='report: time CUDA-graph replays of each forward')
     parser.add_argument('--scan-config', help='Triton scan kernel shape by name (see scan_config_candidates)')
     parser.add_argument('--backward-config', help='Triton backward kernel shape by name (same names)')
@@ -760,35 +765,43 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     commands = ('report', 'scan', 'fidelity', 'train', 'profile') if args.command == 'all' else (args.command,)
     failures = 0
-    for command in commands:
-        try:
-            if command == 'report':
-                results = run_report(args, device)
-                markdown = report_markdown(results)
-                print(markdown)
-                write(args.out, 'report', results, markdown)
-            elif command == 'scan':
-                write(args.out, 'scan', run_scan(args, device))
-            elif command == 'fidelity':
-                write(args.out, 'fidelity', run_fidelity(args, device))
-            elif command == 'train':
-                write(args.out, 'train', run_train(args, device))
-            elif command == 'floor':
-                write(args.out, 'floor', run_floor(args, device))
-            elif command == 'profile':
-                results = run_profile(args, device)
-                write(args.out, 'profile', results, '\n\n'.join(f'## {k}\n```\n{v}\n```' for k, v in
-                                                               results['tables'].items()))
-        except SystemExit:
-            raise
-        except Exception as error:  # in `all`, one failing part must not lose the others' numbers
-            if args.command != 'all':
-                raise
-            failures += 1
-            import traceback
-            traceback.print_exc()
-            write(args.out, f'{command}_error', {'error': repr(error)})
+    with low_memory_inference(args.low_memory):
+        for command in commands:
+            failures += run_command(command, args, device)
     return 1 if failures else 0
+
+
+def run_command(command: str, args, device: torch.device) -> int:
+    """Run one subcommand and return 1 if it failed; in `all`, a failure writes its error and lets
+    the other subcommands keep their numbers."""
+    try:
+        if command == 'report':
+            results = run_report(args, device)
+            markdown = report_markdown(results)
+            print(markdown)
+            write(args.out, 'report', results, markdown)
+        elif command == 'scan':
+            write(args.out, 'scan', run_scan(args, device))
+        elif command == 'fidelity':
+            write(args.out, 'fidelity', run_fidelity(args, device))
+        elif command == 'train':
+            write(args.out, 'train', run_train(args, device))
+        elif command == 'floor':
+            write(args.out, 'floor', run_floor(args, device))
+        elif command == 'profile':
+            results = run_profile(args, device)
+            write(args.out, 'profile', results, '\n\n'.join(f'## {k}\n```\n{v}\n```' for k, v in
+                                                           results['tables'].items()))
+    except SystemExit:
+        raise
+    except Exception as error:
+        if args.command != 'all':
+            raise
+        import traceback
+        traceback.print_exc()
+        write(args.out, f'{command}_error', {'error': repr(error)})
+        return 1
+    return 0
 
 
 if __name__ == '__main__':
