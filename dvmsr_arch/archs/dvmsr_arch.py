@@ -106,7 +106,8 @@ class MambaMixer(nn.Module):
         Triton kernels for LayerNorm (inside in_proj's kernel for inference), conv1d + SiLU and the
         scan (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
         """
-        inference = not torch.is_grad_enabled() and not torch.is_autocast_enabled()
+        no_grad = not torch.is_grad_enabled()
+        inference = no_grad and not torch.is_autocast_enabled()  # the fused kernels do not autocast
         if inference and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
             return self._infer_triton_low_memory(tokens, norm)
         inner = self.in_proj.out_features // 2
@@ -118,9 +119,9 @@ class MambaMixer(nn.Module):
             xz = self.in_proj(tokens)  # (B, L, 2E)
         x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # For inference the scan writes into the x half of xz, which conv1d has consumed: one
+        # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
         # (B, L, E) buffer less at the peak.
-        out = xz[..., :inner].transpose(1, 2) if inference else None
+        out = xz[..., :inner].transpose(1, 2) if no_grad else None
         y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
                                           -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                                           self.D.float(), xz[..., inner:].transpose(1, 2), self.dt_proj.bias.float(),
