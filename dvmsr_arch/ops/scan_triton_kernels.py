@@ -462,35 +462,34 @@ def _lane_delta(dt, W, bias, mask, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
-def _conv_setup(cw_ptr, cb_ptr, e, e_mask, CONV: tl.constexpr):
+def _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, t0, e, e_mask, CONV: tl.constexpr):
     """With CONV, u holds the raw input of a causal depthwise conv (K = 4) + SiLU that the kernel
-    applies itself: this lane's conv weights and bias (zeros, unused, without CONV)."""
+    applies itself: the per-lane conv weights and bias, and the three inputs before token ``t0``
+    (0 before the sequence start). Without CONV, zeros that stay unused."""
     if CONV:
         w0 = tl.load(cw_ptr + e * 4 + 0, mask=e_mask, other=0.0).to(tl.float32)
         w1 = tl.load(cw_ptr + e * 4 + 1, mask=e_mask, other=0.0).to(tl.float32)
         w2 = tl.load(cw_ptr + e * 4 + 2, mask=e_mask, other=0.0).to(tl.float32)
         w3 = tl.load(cw_ptr + e * 4 + 3, mask=e_mask, other=0.0).to(tl.float32)
         cb = tl.load(cb_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+        base = u_ptr + pid_b * s_ub + e * s_ue
+        x3 = tl.load(base + (t0 - 3) * s_ul, mask=e_mask & (t0 >= 3), other=0.0).to(tl.float32)
+        x2 = tl.load(base + (t0 - 2) * s_ul, mask=e_mask & (t0 >= 2), other=0.0).to(tl.float32)
+        x1 = tl.load(base + (t0 - 1) * s_ul, mask=e_mask & (t0 >= 1), other=0.0).to(tl.float32)
     else:
         w0 = tl.zeros([e.shape[0]], dtype=tl.float32)
-        w1, w2, w3, cb = w0, w0, w0, w0
-    return w0, w1, w2, w3, cb
+        w1, w2, w3, cb, x3, x2, x1 = w0, w0, w0, w0, w0, w0, w0
+    return w0, w1, w2, w3, cb, x3, x2, x1
 
 
 @triton.jit
-def _conv_step(raw, w0, w1, w2, w3, cb, u_ptr, s_ub, s_ue, s_ul, pid_b, t, e, e_mask, CONV: tl.constexpr):
-    """u of token ``t`` from its raw input. With CONV the three inputs before it are read again
-    (cache hits: this lane read them for the tokens before); carrying them from token to token
-    instead measured slower."""
+def _conv_step(raw, x3, x2, x1, w0, w1, w2, w3, cb, CONV: tl.constexpr):
+    """u of this token and the shifted window (x_{t-2}, x_{t-1}, x_t)."""
     if CONV:
-        base = u_ptr + pid_b * s_ub + e * s_ue
-        x3 = tl.load(base + (t - 3) * s_ul, mask=e_mask & (t >= 3), other=0.0).to(tl.float32)
-        x2 = tl.load(base + (t - 2) * s_ul, mask=e_mask & (t >= 2), other=0.0).to(tl.float32)
-        x1 = tl.load(base + (t - 1) * s_ul, mask=e_mask & (t >= 1), other=0.0).to(tl.float32)
         pre = cb + w0 * x3 + w1 * x2 + w2 * x1 + w3 * raw
-        return pre * tl.sigmoid(pre)
+        return pre * tl.sigmoid(pre), x2, x1, raw
     else:
-        return raw
+        return raw, x3, x2, x1
 
 
 @triton.jit
@@ -508,7 +507,7 @@ def _next_token(t, L, MASKED: tl.constexpr):
 # for its own loads.
 @triton.jit
 def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, pid_c,
-                         L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1, cw2, cw3, cb,
+                         L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1, cw2, cw3, cb, x3, x2, x1,
                          T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                          SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, CONV: tl.constexpr):
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
@@ -521,7 +520,7 @@ def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, 
             dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
                                                  s_Bn, s_Bl, pid_b, _next_token(t, L, MASKED), L, e, e_mask, n,
                                                  n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
-            u = _conv_step(raw, cw0, cw1, cw2, cw3, cb, u_ptr, s_ub, s_ue, s_ul, pid_b, t, e, e_mask, CONV)
+            u, x3, x2, x1 = _conv_step(raw, x3, x2, x1, cw0, cw1, cw2, cw3, cb, CONV)
             delta = _lane_delta(dt, W, bias, (e_mask & (t < L)) if MASKED else e_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
             total += delta
@@ -546,16 +545,17 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
     A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
     h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     total = tl.zeros([BLOCK_E], dtype=tl.float32)
-    cw0, cw1, cw2, cw3, cb = _conv_setup(cw_ptr, cb_ptr, e, e_mask, CONV)
+    cw0, cw1, cw2, cw3, cb, x3, x2, x1 = _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, pid_c * tiles * T,
+                                                     e, e_mask, CONV)
     if (pid_c + 1) * tiles * T <= L:
         h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                         pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1,
-                                        cw2, cw3, cb, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED,
+                                        cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED,
                                         False, CONV)
     else:
         h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                         pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1,
-                                        cw2, cw3, cb, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED,
+                                        cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED,
                                         True, CONV)
     offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
     en_mask = e_mask[:, None] & n_mask[None, :]
@@ -567,7 +567,7 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
 def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl,
                         s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b, pid_c, L, E, N,
                         n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D, h, cw0, cw1, cw2, cw3,
-                        cb, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                        cb, x3, x2, x1, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                         SAVE_STATES: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, CONV: tl.constexpr):
     # Without a gate, z_ptr is u's: the read-ahead of z stays valid and its value unused. y may be
@@ -593,7 +593,7 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
             C_next = _row(C_ptr, pid_b * s_Cb, t_next, s_Cn, s_Cl, n, n_mask, t_next < L, ALIGNED, MASKED)
             z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t_next * s_zl,
                              mask=(e_mask & (t_next < L)) if MASKED else e_mask, other=0.0).to(tl.float32)
-            u = _conv_step(raw, cw0, cw1, cw2, cw3, cb, u_ptr, s_ub, s_ue, s_ul, pid_b, t, e, e_mask, CONV)
+            u, x3, x2, x1 = _conv_step(raw, x3, x2, x1, cw0, cw1, cw2, cw3, cb, CONV)
             delta = _lane_delta(dt, W, bias, ev_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
             y = tl.sum(h * Ct[None, :], 1)
@@ -634,18 +634,19 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
         h = tl.load(Hin_ptr + (pid_b * n_chunks + pid_c) * E * N + ne_offs, mask=en_mask, other=0.0)
     else:
         h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    cw0, cw1, cw2, cw3, cb = _conv_setup(cw_ptr, cb_ptr, e, e_mask, CONV)
+    cw0, cw1, cw2, cw3, cb, x3, x2, x1 = _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, pid_c * tiles * T,
+                                                     e, e_mask, CONV)
     if (pid_c + 1) * tiles * T <= L:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
                                 pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
-                                h, cw0, cw1, cw2, cw3, cb, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D,
+                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D,
                                 HAS_Z, SAVE_STATES, ALIGNED, False, CONV)
     else:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
                                 pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
-                                h, cw0, cw1, cw2, cw3, cb, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D,
+                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D,
                                 HAS_Z, SAVE_STATES, ALIGNED, True, CONV)
 
 
