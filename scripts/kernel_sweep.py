@@ -1,0 +1,124 @@
+"""Time the Triton kernels around the scan one call at a time, over their block shapes (CUDA only).
+
+    python scripts/kernel_sweep.py --out results/kernel_sweep.json
+
+At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
+rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
+SiLU + x_proj (separate, and fused over its block shapes), and the scan with u stored or the conv
+applied inside it. Each number is the median of 20 calls between two CUDA events after 5 warm-up
+calls, so it includes the launch: compare the numbers with each other, and use
+``benchmark.py profile`` for kernel times inside the network. The chosen shapes are the module
+constants of ``dvmsr_arch/ops/fused_triton.py``.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+from os import path as osp
+
+ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dvmsr_arch  # noqa: E402,F401
+from dvmsr_arch.ops import fused_triton, scan_triton  # noqa: E402
+
+LENGTH, C, E, N, R = 339 * 510, 60, 120, 16, 4
+
+
+def median_us(fn, warmup: int = 5, repeats: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return round(sorted(times)[len(times) // 2], 1)
+
+
+def sweep(setting: dict, shapes, fn) -> dict:
+    """Time ``fn`` with the module constants of fused_triton set to each shape, then restore them."""
+    saved = {name: getattr(fused_triton, name) for name in setting}
+    out = {}
+    try:
+        for values in shapes:
+            for name, value in zip(setting, values):
+                setattr(fused_triton, name, value)
+            label = ' '.join(f'{setting[name]}{value}' for name, value in zip(setting, values))
+            try:
+                out[label] = median_us(fn)
+            except Exception as error:  # a shape that does not fit (shared memory) is a result too
+                out[label] = f'{type(error).__name__}'
+    finally:
+        for name, value in saved.items():
+            setattr(fused_triton, name, value)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', help='JSON file for the results')
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('kernel_sweep.py needs a CUDA GPU')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    dev = torch.device('cuda')
+    results = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'length': LENGTH}
+
+    tokens = torch.randn(1, LENGTH, C, device=dev)
+    norm_w, norm_b = torch.randn(C, device=dev), torch.randn(C, device=dev)
+    w_in = torch.randn(2 * E, C, device=dev) * 0.1
+    results['layer_norm + in_proj, separate'] = median_us(
+        lambda: F.linear(fused_triton.layer_norm_tokens(tokens, norm_w, norm_b, 1e-5), w_in))
+    results['layer_norm_linear'] = sweep(
+        {'LN_LINEAR_BLOCK_ROWS': 'rows ', 'LN_LINEAR_BLOCK_OUT': 'out ', 'LN_LINEAR_WARPS': 'warps '},
+        itertools.product((32, 64, 128), (64, 128, 256), (4, 8)),
+        lambda: fused_triton.layer_norm_linear_tokens(tokens, norm_w, norm_b, 1e-5, w_in))
+
+    xz = torch.randn(1, LENGTH, 2 * E, device=dev)
+    conv_w, conv_b = torch.randn(E, 1, 4, device=dev) * 0.3, torch.randn(E, device=dev)
+    w_x = torch.randn(R + 2 * N, E, device=dev) * 0.1
+    results['conv1d + x_proj, separate'] = median_us(
+        lambda: F.linear(fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b), w_x))
+    results['conv1d alone'] = median_us(lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
+    results['conv1d_linear'] = sweep(
+        {'CONV_LINEAR_BLOCK_L': 'tokens ', 'CONV_LINEAR_WARPS': 'warps '},
+        itertools.product((16, 32, 64, 128), (2, 4, 8)),
+        lambda: fused_triton.causal_conv1d_silu_linear_tokens(xz[..., :E], conv_w, conv_b, w_x))
+
+    rows = torch.randn(1, LENGTH, R + 2 * N, device=dev) * 0.5
+    dt, B, C_rows = (t.transpose(1, 2) for t in rows.split([R, N, N], -1))
+    w_dt = torch.randn(E, R, device=dev) * 0.5
+    A = -torch.exp(torch.randn(E, N, device=dev) * 0.5 + 0.5)
+    D, bias = torch.randn(E, device=dev), torch.randn(E, device=dev) * 0.5 - 1
+    x = fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b)
+    z = xz[..., E:].transpose(1, 2)
+    out = torch.empty(1, LENGTH, E, device=dev).transpose(1, 2)
+    scan = scan_triton.selective_scan_lowrank_triton
+    with torch.no_grad():
+        results['scan, u contiguous'] = median_us(lambda: scan(x.transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias,
+                                                               True, out=out))
+        results['scan, u read from in_proj output'] = median_us(
+            lambda: scan(xz[..., :E].transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias, True, out=out))
+        results['scan applying the conv, u read from in_proj output'] = median_us(
+            lambda: scan(xz[..., :E].transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias, True, out=out,
+                         conv_weight=conv_w, conv_bias=conv_b))
+    print(json.dumps(results, indent=1))
+    if args.out:
+        os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
