@@ -12,6 +12,8 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import Tensor, nn
 
+from dvmsr_arch.checks import describe_state_dict_mismatch
+
 DISTILL_POSITIONS = ('output', 'body', 'mid')
 # Paper Eq. 5 with lambda_dis = 1: what `train.distill_opt` means when it is left out.
 DEFAULT_DISTILL_OPT = {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}
@@ -47,14 +49,9 @@ def load_teacher(net: nn.Module, path: str, param_key: Optional[str], strict: bo
                                 'it at a teacher checkpoint)')
     state, found = select_teacher_state(torch.load(path, map_location='cpu', weights_only=True), param_key, path)
     if strict:
-        expected = net.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if missing or unexpected or reshaped:
-            raise ValueError(f'path.pretrain_network_t: {path} does not match network_t: missing {missing[:3]}, '
-                             f'unexpected {unexpected[:3]}, shape mismatches {reshaped[:3]} '
-                             f'({len(missing)}/{len(unexpected)}/{len(reshaped)} in all)')
+        problems = describe_state_dict_mismatch(net.state_dict(), state)
+        if problems:
+            raise ValueError(f'path.pretrain_network_t: {path} does not match network_t: {problems}')
     net.load_state_dict(state, strict=strict)
     return found
 

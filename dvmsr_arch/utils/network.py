@@ -15,6 +15,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 import dvmsr_arch  # noqa: F401  (registers this package's networks)
+from dvmsr_arch.checks import describe_state_dict_mismatch
 
 DEFAULT_ARCH = 'DVMSR'
 # Input range by architecture name; every other network is taken to follow BasicSR's [0, 1].
@@ -83,15 +84,9 @@ def load_weights(net: nn.Module, checkpoint: str) -> str:
         raise ValueError(f'{path}: holds no state_dict')
     # DataParallel / DistributedDataParallel save their keys under 'module.'.
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or misshapen:
-        problems = [f'{len(names)} {what} (first: {names[0]})' for what, names in
-                    (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', misshapen))
-                    if names]
-        raise ValueError(f'{path}: does not fit {type(net).__name__}: {", ".join(problems)}')
+    problems = describe_state_dict_mismatch(net.state_dict(), state)
+    if problems:
+        raise ValueError(f'{path}: does not fit {type(net).__name__}: {problems}')
     net.load_state_dict(state, strict=True)
     return key
 
