@@ -201,12 +201,14 @@ def main(argv=None) -> int:
 
     # The student without distillation needs no teacher: it trains beside the teacher, so that each
     # of the two cores has one process for the whole run.
-    step(2, f'Training the teacher ({option(TEACHER[2])}) and, beside it, the student without distillation '
-         f'({option(PLAIN_STUDENT[2])}) ({elapsed()})')
+    # The option files the runs read: the shipped ones, or their reseeded copies.
+    used = option if args.seed is None else (lambda file_name: osp.join(DATA, 'options', file_name))
+    step(2, f'Training the teacher ({used(TEACHER[2])}) and, beside it, the student without distillation '
+         f'({used(PLAIN_STUDENT[2])}) ({elapsed()})')
     jobs = {run: train(run, args.threads, args.seed) for run in (TEACHER, PLAIN_STUDENT)}
     logs = {run: job.wait() for run, job in jobs.items()}
 
-    step(3, f'Distilling the student from the teacher ({option(STUDENT[2])}) and, beside it, evaluating '
+    step(3, f'Distilling the student from the teacher ({used(STUDENT[2])}) and, beside it, evaluating '
          f'the teacher and the plain student ({elapsed()})')
     distillation = train(STUDENT, args.threads, args.seed)
     results = {run: scores(evaluate(run, args.threads).wait()) for run in (TEACHER, PLAIN_STUDENT)}
