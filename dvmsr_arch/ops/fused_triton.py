@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from .scan_triton import _cdiv, _pow2
+
 LN_BLOCK_ROWS = 32
 LN_LINEAR_BLOCK_ROWS = 128
 LN_LINEAR_BLOCK_OUT = 64
@@ -45,14 +47,6 @@ def low_memory_enabled() -> bool:
 def _kernels():
     from . import fused_triton_kernels  # imported late: TRITON_INTERPRET must be set before triton loads
     return fused_triton_kernels
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, save_stats: bool):
