@@ -12,6 +12,50 @@ def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
+@triton.jit
+def _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps):
+    """LayerNorm of a block of token rows (batch index ``rb``, position ``rl``), fp32 (undefined
+    outside ``mask``), with the rows' mean and 1/std."""
+    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / C
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    return centred * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+
+@triton.jit
+def _causal_conv_rows(x_ptr, w_ptr, b_ptr, pid_b, t, e, e_mask, L, s_xb, s_xl, s_xe, K: tl.constexpr,
+                      BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """bias + sum_k w_k x_{t-K+1+k} for tokens ``t`` x channels ``e`` (fp32), x_t = 0 before the sequence."""
+    if HAS_BIAS:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32) + tl.load(b_ptr + e, mask=e_mask, other=0.0)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
+                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+        acc += xv * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _store_times_weight(a, w_ptr, y_ptr, out_rows, row_mask, k, k_mask, K, OUT, BLOCK_O: tl.constexpr,
+                        TF32: tl.constexpr):
+    """Store a @ W^T (W (OUT, K) contiguous) at ``y_ptr + out_rows``, BLOCK_O outputs at a time."""
+    for o0 in range(0, OUT, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        o_mask = o < OUT
+        wt = tl.load(w_ptr + o[None, :] * K + k[:, None], mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+        if TF32:
+            y = tl.dot(a, wt.to(tl.float32), input_precision='tf32')
+        else:
+            y = tl.dot(a, wt.to(tl.float32), input_precision='ieee')
+        tl.store(y_ptr + out_rows + o[None, :], y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & o_mask[None, :])
+
+
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_yb'])
 def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
                     eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATS: tl.constexpr):
@@ -22,13 +66,7 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, 
     mask = r_mask[:, None] & c_mask[None, :]
     rb = (r // L).to(tl.int64)
     rl = r % L
-    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / C
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
-    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    y, mean, rstd = _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
     tl.store(y_ptr + (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
     if SAVE_STATS:
         tl.store(mean_ptr + r, mean, mask=r_mask)
@@ -68,15 +106,8 @@ def _causal_conv_silu_fwd(x_ptr, w_ptr, b_ptr, y_ptr, L, E, s_xb, s_xl, s_xe, s_
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     pid_b = tl.program_id(2).to(tl.int64)
     e_mask = e < E
-    if HAS_BIAS:
-        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32) + tl.load(b_ptr + e, mask=e_mask, other=0.0)[None, :]
-    else:
-        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    for k in tl.static_range(K):
-        src = t - (K - 1) + k
-        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
-                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-        acc += xv * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _causal_conv_rows(x_ptr, w_ptr, b_ptr, pid_b, t, e, e_mask, L, s_xb, s_xl, s_xe, K, BLOCK_L, BLOCK_E,
+                            HAS_BIAS)
     y = acc * _sigmoid(acc)
     tl.store(y_ptr + pid_b * s_yb + t[:, None] * s_yl + e[None, :] * s_ye, y.to(y_ptr.dtype.element_ty),
              mask=(t < L)[:, None] & e_mask[None, :])
@@ -93,15 +124,8 @@ def _causal_conv_silu_bwd_pre(x_ptr, w_ptr, b_ptr, dy_ptr, gpre_ptr, dw_ptr, db_
     pid_b = tl.program_id(2).to(tl.int64)
     e_mask = e < E
     te_mask = (t < L)[:, None] & e_mask[None, :]
-    if HAS_BIAS:
-        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32) + tl.load(b_ptr + e, mask=e_mask, other=0.0)[None, :]
-    else:
-        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    for k in tl.static_range(K):
-        src = t - (K - 1) + k
-        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
-                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-        acc += xv * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _causal_conv_rows(x_ptr, w_ptr, b_ptr, pid_b, t, e, e_mask, L, s_xb, s_xl, s_xe, K, BLOCK_L, BLOCK_E,
+                            HAS_BIAS)
     dy = tl.load(dy_ptr + pid_b * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=te_mask, other=0.0).to(tl.float32)
     sig = _sigmoid(acc)
     gpre = tl.where(te_mask, dy * sig * (1.0 + acc * (1.0 - sig)), 0.0)
@@ -147,23 +171,9 @@ def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, OUT,
     mask = r_mask[:, None] & c_mask[None, :]
     rb = (r // L).to(tl.int64)
     rl = r % L
-    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / C
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
-    nw = tl.load(nw_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    nb = tl.load(nb_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    xn = tl.where(mask, centred * rstd[:, None] * nw[None, :] + nb[None, :], 0.0)
-    out_rows = r.to(tl.int64)[:, None] * OUT
-    for o0 in range(0, OUT, BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
-        o_mask = o < OUT
-        wt = tl.load(w_ptr + o[None, :] * C + c[:, None], mask=c_mask[:, None] & o_mask[None, :], other=0.0)
-        if TF32:
-            y = tl.dot(xn, wt.to(tl.float32), input_precision='tf32')
-        else:
-            y = tl.dot(xn, wt.to(tl.float32), input_precision='ieee')
-        tl.store(y_ptr + out_rows + o[None, :], y.to(y_ptr.dtype.element_ty), mask=r_mask[:, None] & o_mask[None, :])
+    xn, _, _ = _normalised_rows(x_ptr, nw_ptr, nb_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
+    xn = tl.where(mask, xn, 0.0)  # padded columns and rows must add nothing to the matmul
+    _store_times_weight(xn, w_ptr, y_ptr, r.to(tl.int64)[:, None] * OUT, r_mask, c, c_mask, C, OUT, BLOCK_O, TF32)
 
 
 @triton.jit(do_not_specialize=['L', 's_xb'])
@@ -179,23 +189,8 @@ def _causal_conv_silu_linear_fwd(x_ptr, cw_ptr, cb_ptr, w_ptr, y_ptr, L, E, OUT,
     pid_b = tl.program_id(1).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_mask = e < E
-    if HAS_BIAS:
-        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32) + tl.load(cb_ptr + e, mask=e_mask, other=0.0)[None, :]
-    else:
-        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    for k in tl.static_range(K):
-        src = t - (K - 1) + k
-        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + e[None, :] * s_xe,
-                     mask=((src >= 0) & (src < L))[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-        acc += xv * tl.load(cw_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _causal_conv_rows(x_ptr, cw_ptr, cb_ptr, pid_b, t, e, e_mask, L, s_xb, s_xl, s_xe, K, BLOCK_L, BLOCK_E,
+                            HAS_BIAS)
     u = tl.where(e_mask[None, :], acc * tl.sigmoid(acc), 0.0)
-    rows = (pid_b * L + t).to(tl.int64)[:, None] * OUT
-    for o0 in range(0, OUT, BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
-        o_mask = o < OUT
-        wt = tl.load(w_ptr + o[None, :] * E + e[:, None], mask=e_mask[:, None] & o_mask[None, :], other=0.0)
-        if TF32:
-            y = tl.dot(u, wt.to(tl.float32), input_precision='tf32')
-        else:
-            y = tl.dot(u, wt.to(tl.float32), input_precision='ieee')
-        tl.store(y_ptr + rows + o[None, :], y.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & o_mask[None, :])
+    _store_times_weight(u, w_ptr, y_ptr, (pid_b * L + t).to(tl.int64)[:, None] * OUT, t < L, e, e_mask, E, OUT,
+                        BLOCK_O, TF32)
