@@ -374,20 +374,8 @@ def _delta_row(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, e, e_mask, W, bias
                RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta of token ``t`` for channels ``e`` (fp32, 0 where masked); W is dt_proj as (RANK_PAD, E)."""
     mask = e_mask & valid
-    if DT_RANK == 0:
-        raw = tl.load(delta_ptr + base_b * s_db + e * s_de + t * s_dl, mask=mask, other=0.0).to(tl.float32)
-    else:
-        r = tl.arange(0, RANK_PAD)
-        dt = tl.load(delta_ptr + base_b * s_db + r * s_de + t * s_dl, mask=(r < DT_RANK) & valid,
-                     other=0.0).to(tl.float32)
-        raw = tl.sum(W * dt[:, None], 0)
-    if HAS_BIAS:
-        raw += bias
-    if SOFTPLUS:
-        delta = _softplus(raw)
-    else:
-        delta = raw
-    return tl.where(mask, delta, 0.0)
+    dt = _lane_dt(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, mask, e, DT_RANK, RANK_PAD, False, True)
+    return _lane_delta(dt, W, bias, mask, DT_RANK, HAS_BIAS, SOFTPLUS)
 
 
 @triton.jit
@@ -430,16 +418,23 @@ def _row(ptr, base, t, s_k, s_l, k, k_mask, valid, ALIGNED: tl.constexpr, MASKED
 
 
 @triton.jit
+def _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, ev_mask, e, DT_RANK: tl.constexpr,
+             RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Token ``t``'s row of dt (rank > 0), or this lane's delta (rank 0), fp32."""
+    if DT_RANK == 0:
+        return tl.load(delta_ptr + pid_b * s_db + e * s_de + t * s_dl, mask=ev_mask, other=0.0).to(tl.float32)
+    else:
+        r = tl.arange(0, RANK_PAD)
+        return _row(delta_ptr, pid_b * s_db, t, s_de, s_dl, r, r < DT_RANK, valid, ALIGNED, MASKED)
+
+
+@triton.jit
 def _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, L, e, e_mask, n,
                n_mask, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """What a lane-per-channel kernel reads for token ``t``: dt's row (or this lane's delta), u, B (fp32)."""
     valid = t < L
     ev_mask = (e_mask & valid) if MASKED else e_mask
-    if DT_RANK == 0:
-        dt = tl.load(delta_ptr + pid_b * s_db + e * s_de + t * s_dl, mask=ev_mask, other=0.0).to(tl.float32)
-    else:
-        r = tl.arange(0, RANK_PAD)
-        dt = _row(delta_ptr, pid_b * s_db, t, s_de, s_dl, r, r < DT_RANK, valid, ALIGNED, MASKED)
+    dt = _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, ev_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
     u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=ev_mask, other=0.0).to(tl.float32)
     Bt = _row(B_ptr, pid_b * s_Bb, t, s_Bn, s_Bl, n, n_mask, valid, ALIGNED, MASKED)
     return dt, u, Bt
@@ -689,14 +684,13 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
 
 
 @triton.jit
-def _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, valid, e,
+def _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, L, e,
                  e_mask, n, n_mask, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SOFTPLUS: tl.constexpr):
-    delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
-                       SOFTPLUS)
-    u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=e_mask & valid, other=0.0).to(tl.float32)
-    Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=n_mask & valid, other=0.0).to(tl.float32)
-    return delta, u, Bt
+    """delta, u and B of token ``t`` (0 past the sequence end), for the lane-per-channel backward."""
+    dt, u, Bt = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, L, e,
+                           e_mask, n, n_mask, DT_RANK, RANK_PAD, False, True)
+    return _lane_delta(dt, W, bias, e_mask & (t < L), DT_RANK, HAS_BIAS, SOFTPLUS), u, Bt
 
 
 @triton.jit(do_not_specialize=['L', 'E', 'batch', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de',
@@ -741,14 +735,14 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
             for j in tl.static_range(T - 1 - ii):
                 tj = tile * T + j
                 dj, uj, Bj = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
-                                          s_Bl, pid_b, tj, tj < L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD,
+                                          s_Bl, pid_b, tj, L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD,
                                           HAS_BIAS, SOFTPLUS)
                 h_prev = tl.exp2(dj[:, None] * A2) * h_prev + (dj * uj)[:, None] * Bj[None, :]
             t = tile * T + (T - 1 - ii)
             valid = t < L
             ev_mask = e_mask & valid
             delta, u, Bt = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
-                                        pid_b, t, valid, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
+                                        pid_b, t, L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
                                         SOFTPLUS)
             Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=n_mask & valid, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
