@@ -111,12 +111,7 @@ class MambaMixer(nn.Module):
         if inference and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
             return self._infer_triton_low_memory(tokens, norm)
         inner = self.in_proj.out_features // 2
-        if norm is not None and inference:
-            xz = layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight)
-        else:
-            if norm is not None:
-                tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
-            xz = self.in_proj(tokens)  # (B, L, 2E)
+        xz = self._in_proj_triton(tokens, norm, inference)
         x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
@@ -128,15 +123,20 @@ class MambaMixer(nn.Module):
                                           delta_softplus=True, out=out)
         return self.out_proj(y.transpose(1, 2))
 
+    def _in_proj_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], inference: bool) -> Tensor:
+        """in_proj(norm(tokens)), (B, L, 2E); for inference LayerNorm runs inside in_proj's kernel."""
+        if norm is not None and inference:
+            return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight)
+        if norm is not None:
+            tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
+        return self.in_proj(tokens)
+
     def _infer_triton_low_memory(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
         """Inference that never stores conv1d's output (see :func:`dvmsr_arch.ops.low_memory_inference`):
         conv1d + SiLU run inside x_proj's kernel and again inside the scan, which writes y over z.
         Besides its input and output, a ViMM then holds only xz (B, L, 2E) and x_proj's rows."""
         inner = self.in_proj.out_features // 2
-        if norm is not None:
-            xz = layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight)
-        else:
-            xz = self.in_proj(tokens)
+        xz = self._in_proj_triton(tokens, norm, inference=True)
         x, z = xz[..., :inner], xz[..., inner:]
         rows = causal_conv1d_silu_linear_tokens(x, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
         dt, B, C = rows.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
