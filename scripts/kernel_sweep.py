@@ -24,24 +24,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dvmsr_arch  # noqa: E402,F401
+from benchmark import time_calls  # noqa: E402  (scripts/, this file's folder)
 from dvmsr_arch.ops import fused_triton, scan_triton  # noqa: E402
 
 LENGTH, C, E, N, R = 339 * 510, 60, 120, 16, 4
 
 
 def median_us(fn, warmup: int = 5, repeats: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return round(sorted(times)[len(times) // 2], 1)
+    """The middle (upper middle for an even count) of ``repeats`` single-call times, in µs."""
+    times = time_calls(fn, torch.device('cuda'), warmup, repeats)
+    return round(sorted(times)[len(times) // 2] * 1000, 1)
 
 
 def sweep(setting: dict, shapes, fn) -> dict:
