@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from os import path as osp
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -543,31 +544,45 @@ def run_fidelity(args, device: torch.device) -> Dict[str, object]:
 # train: one step's time, and gradients against float64
 
 
+def train_step(name: str, device: torch.device, backend: str, batch: int, size: Tuple[int, int],
+               channels_last: bool) -> Callable[[], None]:
+    """One optimisation step of ``name`` (L1 loss, Adam) on fixed random LR/HR tensors."""
+    torch.manual_seed(0)
+    net = build_model(name, device, backend, None, channels_last).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
+    height, width = size
+    scale = PIXEL_RANGE[name]
+    lr = torch.rand(batch, 3, height, width, device=device) * scale
+    hr = torch.rand(batch, 3, height * 4, width * 4, device=device) * scale
+    if channels_last:
+        lr = lr.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.l1_loss(net(lr), hr).backward()
+        optimizer.step()
+    return step
+
+
 def run_train(args, device: torch.device) -> Dict[str, object]:
     results: Dict[str, object] = {'machine': machine_info(device), 'batch': args.train_batch,
-                                  'lr_size': args.train_size, 'steps': {}}
-    height, width = parse_size(args.train_size)
-    backends = args.train_backends
-    for backend in backends:
-        if backend != 'auto' and backend not in available_backends(device):
-            continue
-        torch.manual_seed(0)
-        net = DVMSR(scan_backend=backend).to(device).train()
-        optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
-        lr = torch.rand(args.train_batch, 3, height, width, device=device)
-        hr = torch.rand(args.train_batch, 3, height * 4, width * 4, device=device)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            F.l1_loss(net(lr), hr).backward()
-            optimizer.step()
+                                  'lr_size': args.train_size, 'precision': args.precision,
+                                  'channels_last': args.channels_last, 'steps': {}}
+    size = parse_size(args.train_size)
+    runs = [('dvmsr', backend) for backend in args.train_backends
+            if backend == 'auto' or backend in available_backends(device)] + [('rlfn', 'auto')]
+    for name, backend in runs:
+        step = train_step(name, device, backend, args.train_batch, size, args.channels_last)
         with precision(args.precision, device):
             times = time_calls(step, device, args.warmup, args.repeats)
             memory = peak_memory_mib(step, device)
-        name = resolve_backend(backend, device)
-        results['steps'][name] = dict(summary(times), peak_memory_mib=memory)
-        print(f'train step {name}: median {results["steps"][name]["median_ms"]:.2f} ms', flush=True)
-        del net, optimizer
+        key = f'dvmsr_{resolve_backend(backend, device)}' if name == 'dvmsr' else 'rlfn'
+        results['steps'][key] = dict(summary(times), peak_memory_mib=memory)
+        print(f'train step {key}: median {results["steps"][key]["median_ms"]:.2f} ms', flush=True)
+        del step
+    if 'rlfn' in results['steps']:
+        for key, entry in results['steps'].items():
+            entry['ratio_to_rlfn'] = entry['median_ms'] / results['steps']['rlfn']['median_ms']
     # Gradients of every parameter against the float64 path (small batch), true fp32.
     torch.manual_seed(1)
     ref = DVMSR(scan_backend='torch', drop_path_rate=0.0).to(device).double().train()
@@ -594,27 +609,36 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     height, width = parse_size(args.profile_size)
-    results: Dict[str, object] = {'machine': machine_info(device), 'size': args.profile_size, 'tables': {}}
+    what = f'train step, batch {args.train_batch} at {args.train_size}' if args.profile_train else 'forward'
+    results: Dict[str, object] = {'machine': machine_info(device), 'size': args.profile_size, 'what': what,
+                                  'tables': {}}
     for backend in args.profile_backends:
         if backend not in ('auto',) + tuple(available_backends(device)):
             continue
         for name in ('dvmsr', 'rlfn'):
             if name == 'rlfn' and backend != args.profile_backends[0]:
                 continue
-            net = build_model(name, device, backend, None, args.channels_last)
-            x = torch.rand(1, 3, height, width, device=device) * PIXEL_RANGE[name]
+            if args.profile_train:
+                work = train_step(name, device, backend, args.train_batch, parse_size(args.train_size),
+                                  args.channels_last)
+                mode = nullcontext()
+            else:
+                net = build_model(name, device, backend, None, args.channels_last)
+                x = torch.rand(1, 3, height, width, device=device) * PIXEL_RANGE[name]
+                work, mode = partial(net, x), torch.inference_mode()
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-            with torch.inference_mode(), precision(args.precision, device):
+            with mode, precision(args.precision, device):
                 for _ in range(3):
-                    net(x)
+                    work()
                 synchronize(device)
                 with profile(activities=activities) as prof:
                     for _ in range(args.profile_runs):
-                        net(x)
+                        work()
                     synchronize(device)
             key = f'{name}_{resolve_backend(backend, device) if name == "dvmsr" else "cudnn"}'
             sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+            table = prof.key_averages().table(sort_by=sort, row_limit=40 if args.profile_train else 25,
+                                              max_name_column_width=70)
             results['tables'][key] = table
             print(table, flush=True)
             # Device-side events only (kernels, memsets, copies): the operator rows of the table
@@ -622,8 +646,8 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
             total = sum(e.time_range.elapsed_us() for e in prof.events()
                         if e.device_type == DeviceType.CUDA) / args.profile_runs / 1e3
             results.setdefault('gpu_ms_per_forward', {})[key] = total
-            print(f'profile {key}: GPU kernel time {total:.3f} ms per forward', flush=True)
-            del net
+            print(f'profile {key}: GPU kernel time {total:.3f} ms per {what}', flush=True)
+            del work
     return results
 
 
@@ -743,6 +767,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--profile-size', default='339x510')
     parser.add_argument('--profile-runs', type=int, default=5)
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])
+    parser.add_argument('--profile-train', action='store_true',
+                        help='profile: training steps (--train-batch, --train-size) instead of forwards')
     parser.add_argument('--bandwidth-gbps', type=float, default=3890.0,
                         help='floor: memory bandwidth (default: a device-to-device copy measured on an H200)')
     parser.add_argument('--exp2-rate', type=float, default=16 * 132 * 1.98e9,

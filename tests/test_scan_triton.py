@@ -208,19 +208,22 @@ def run_all_cases():
     from dvmsr_arch.ops.scan_triton import ScanConfig
     torch.manual_seed(0)
     results = {}
-    # Chunks of 8 tokens (2 tiles of 4) forward, 6 tokens (3 tiles of 2) backward: L=21 spans
+    # Chunks of 8 tokens (2 tiles of 4) forward, 6 tokens (3 tiles of 2) backward (12 tokens, 3 tiles
+    # of 4, for the lane-per-channel backward, which steps in runs of 4): L=21 spans
     # several chunks with a partial last one; E=6 and N=3 leave masked lanes in their blocks.
     # Both kernel families: (T, E, N) register blocks with associative scans, and lane-per-channel.
     associative = ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1)
     lanes = ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True)
     backward = ScanConfig(tile=2, block_e=4, tiles_per_chunk=3, num_warps=1)
-    backward_lanes = ScanConfig(tile=2, block_e=4, tiles_per_chunk=3, num_warps=1, sequential=True)
+    backward_lanes = ScanConfig(tile=4, block_e=4, tiles_per_chunk=3, num_warps=1, sequential=True)
     scan_triton.set_configs(associative, backward)
     results['full_delta_channel_major'] = scan_case(2, 6, 3, 21, 0, token_major=False, with_extras=True)
     results['plain_no_D_z_bias_softplus'] = scan_case(1, 5, 4, 19, 0, token_major=False, with_extras=False)
     scan_triton.set_configs(lanes, backward_lanes)
     results['lowrank_token_major_sequential'] = scan_case(1, 6, 3, 21, 2, token_major=True, with_extras=True)
-    # As the network calls it: R=4, N=4 packed rows (aligned loads), 3 full chunks and a partial one.
+    # As the network calls it: R=4, N=4 packed rows (aligned loads), 3 full chunks and a partial one
+    # forward; backward tiles of 8, so that the second run of 4 re-steps from the tile start.
+    scan_triton.set_configs(backward=ScanConfig(tile=8, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True))
     results['lowrank_packed_rows_sequential'] = scan_case(2, 6, 4, 29, 4, token_major=True, with_extras=True,
                                                           packed=True)
     results['half_inputs'] = scan_case(1, 4, 4, 13, 2, token_major=True, with_extras=True, dtype=torch.float16)

@@ -111,15 +111,23 @@ class MambaMixer(nn.Module):
         if inference and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
             return self._infer_triton_low_memory(tokens, norm)
         inner = self.in_proj.out_features // 2
-        xz = self._in_proj_triton(tokens, norm, inference)
-        x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
+        if no_grad:
+            xz = self._in_proj_triton(tokens, norm, inference)
+            x_raw, z = xz[..., :inner], xz[..., inner:]
+        else:
+            # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
+            # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
+            if norm is not None:
+                tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
+            x_raw, z = (F.linear(tokens, half) for half in self.in_proj.weight.split(inner))
+        x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
         # (B, L, E) buffer less at the peak.
-        out = xz[..., :inner].transpose(1, 2) if no_grad else None
+        out = x_raw.transpose(1, 2) if no_grad else None
         y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
                                           -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                                          self.D.float(), xz[..., inner:].transpose(1, 2), self.dt_proj.bias.float(),
+                                          self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
                                           delta_softplus=True, out=out)
         return self.out_proj(y.transpose(1, 2))
 

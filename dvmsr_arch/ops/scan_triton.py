@@ -33,11 +33,12 @@ class ScanConfig:
 
 # The shapes measured and checked against float64 on a GPU (docs/performance.md). Forward: the
 # lane-per-channel kernels (one channel per thread, its states in registers, each token's inputs
-# read one token ahead). Backward: the (T, E, N) block kernels, which trained faster on a GPU than
-# the lane-per-channel backward (``sequential=True``). Under autograd the forward pass runs with the
-# backward's tile, because the backward restarts from the states saved at every tile start.
+# read one token ahead). Backward: lane-per-channel too, one warp of 32 channels per program and
+# tiles of 4 tokens (the fastest training step of a sweep; the (T, E, N) block kernels took twice
+# as long). Under autograd the forward pass runs with the backward's tile, because the backward
+# restarts from the states saved at every tile start.
 FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True)
-BACKWARD_CONFIG = ScanConfig(tile=8, block_e=16, tiles_per_chunk=32, num_warps=4)
+BACKWARD_CONFIG = ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, sequential=True)
 CARRY_BLOCK_CHUNKS = 256
 CARRY_BLOCK_STATES = 16
 
@@ -154,6 +155,8 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     """Gradients (fp32) of u, delta (the raw pre-bias delta, or dt and dt_weight), A, B, C, D, z, bias."""
     k = _kernels()
     cfg = BACKWARD_CONFIG
+    if cfg.sequential and cfg.tile % 4:
+        raise ValueError(f'the lane-per-channel backward steps in runs of 4 tokens: tile {cfg.tile} is not a multiple')
     batch, inner, length = u.shape
     state = A.shape[1]
     chunk = cfg.tile * cfg.tiles_per_chunk
@@ -171,13 +174,15 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     bias = delta_bias if delta_bias is not None else any_t
     z_or_u = z if z is not None else u
 
+    # The lane-per-channel kernels read dt/B/C rows with 128-bit loads where they allow it.
+    lane_extra = dict(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state)) if cfg.sequential else {}
     carry = any_t
     if n_chunks > 1:
         decay, handed = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
         summary = k._bwd_chunk_summary_lanes if cfg.sequential else k._bwd_chunk_summary
         summary[grid](delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
-                                   cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
-                                   HAS_Z=z is not None, **shapes)
+                      cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
+                      HAS_Z=z is not None, **shapes, **lane_extra)
         carry = torch.empty(batch, n_chunks, inner, state, **f32)
         k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
             decay, handed, carry, n_chunks, inner * state, REVERSE=True, BLOCK_C=CARRY_BLOCK_CHUNKS,
@@ -193,7 +198,7 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
                              ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch,
                              n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
                              *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None,
-                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes)
+                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes, **lane_extra)
     dB = dB_part.sum(0).transpose(1, 2)
     dC = dC_part.sum(0).transpose(1, 2)
     dA = dA_part.sum((0, 1)).t()

@@ -371,10 +371,10 @@ def _bwd_chunk_grads(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_p
 
 @triton.jit
 def _delta_row(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, e, e_mask, W, bias, DT_RANK: tl.constexpr,
-               RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+               RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr):
     """delta of token ``t`` for channels ``e`` (fp32, 0 where masked); W is dt_proj as (RANK_PAD, E)."""
     mask = e_mask & valid
-    dt = _lane_dt(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, mask, e, DT_RANK, RANK_PAD, False, True)
+    dt = _lane_dt(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, mask, e, DT_RANK, RANK_PAD, ALIGNED, True)
     return _lane_delta(dt, W, bias, mask, DT_RANK, HAS_BIAS, SOFTPLUS)
 
 
@@ -651,7 +651,7 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
                              n_chunks, tiles, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
                              T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-                             RANK_PAD: tl.constexpr):
+                             RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr):
     """Same contract as ``_bwd_chunk_summary``; the decay from the chunk start is a running product."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
@@ -669,12 +669,12 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
             valid = t < L
             ev_mask = e_mask & valid
             delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD,
-                               HAS_BIAS, SOFTPLUS)
+                               HAS_BIAS, SOFTPLUS, ALIGNED)
             gy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
             if HAS_Z:
                 z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
                 gy *= z * _sigmoid(z)
-            Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=n_mask & valid, other=0.0).to(tl.float32)
+            Ct = _row(C_ptr, pid_b * s_Cb, t, s_Cn, s_Cl, n, n_mask, valid, ALIGNED, True)
             decay *= tl.exp2(delta[:, None] * A2)
             g += decay * gy[:, None] * Ct[None, :]
     offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
@@ -686,11 +686,72 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
 @triton.jit
 def _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, L, e,
                  e_mask, n, n_mask, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SOFTPLUS: tl.constexpr):
+                 SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr):
     """delta, u and B of token ``t`` (0 past the sequence end), for the lane-per-channel backward."""
     dt, u, Bt = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, L, e,
-                           e_mask, n, n_mask, DT_RANK, RANK_PAD, False, True)
+                           e_mask, n, n_mask, DT_RANK, RANK_PAD, ALIGNED, True)
     return _lane_delta(dt, W, bias, e_mask & (t < L), DT_RANK, HAS_BIAS, SOFTPLUS), u, Bt
+
+
+@triton.jit
+def _bwd_lane_state(h, t, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, L, e,
+                    e_mask, n, n_mask, A2, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr):
+    """The forward state after token ``t`` from the state before it (unchanged past the end)."""
+    delta, u, Bt = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t,
+                                L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED)
+    return tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+
+
+@triton.jit
+def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, B_ptr, C_ptr, D, z_ptr, dy_ptr,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
+                    s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N,
+                    e, e_mask, n, n_mask, A2, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    """Every gradient of token ``t`` from the state before it (``h_prev``) and the adjoint handed
+    back by token t + 1 (``mu`` = a_{t+1} lambda_{t+1}); returns the adjoint for token t - 1."""
+    valid = t < L
+    ev_mask = e_mask & valid
+    delta, u, Bt = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t,
+                                L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED)
+    Ct = _row(C_ptr, pid_b * s_Cb, t, s_Cn, s_Cl, n, n_mask, valid, ALIGNED, True)
+    dy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
+    decay = tl.exp2(delta[:, None] * A2)
+    decayed = decay * h_prev
+    h = decayed + (delta * u)[:, None] * Bt[None, :]
+    x_offs = pid_b * s_xb + e * s_xe + t * s_xl
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
+        sig = _sigmoid(z)
+        y = tl.sum(h * Ct[None, :], 1)
+        if HAS_D:
+            y += u * D
+        tl.store(dz_ptr + x_offs, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=ev_mask)
+        gy = dy * z * sig
+    else:
+        gy = dy
+    lam = gy[:, None] * Ct[None, :] + mu
+    lam_B = tl.sum(lam * Bt[None, :], 1)
+    du = delta * lam_B
+    if HAS_D:
+        du += gy * D
+        dD_acc += gy * u
+    lam_decayed = lam * decayed
+    ddelta = u * lam_B + tl.sum(lam_decayed * A2, 1) * (1.0 / LOG2E)
+    if SOFTPLUS:
+        # softplus'(raw) = sigmoid(raw) = 1 - exp(-delta)
+        ddelta = ddelta * (1.0 - tl.exp2(-delta * LOG2E))
+    ddelta = tl.where(ev_mask, ddelta, 0.0)
+    tl.store(du_ptr + x_offs, du, mask=ev_mask)
+    tl.store(ddelta_ptr + x_offs, ddelta, mask=ev_mask)
+    dbias_acc += ddelta
+    dA_acc += lam_decayed * delta[:, None]
+    tn_offs = (partial_base + t) * N + n
+    tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, None], 0), mask=n_mask & valid)
+    tl.store(dC_ptr + tn_offs, tl.sum(h * gy[:, None], 0), mask=n_mask & valid)
+    return decay * lam, dA_acc, dD_acc, dbias_acc
 
 
 @triton.jit(do_not_specialize=['L', 'E', 'batch', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de',
@@ -702,10 +763,12 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                            s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, T: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                           HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr):
-    """Same contract as ``_bwd_chunk_grads``, lane per channel. Tokens go last to first; the state
-    before each token is recomputed from the tile's saved start state (T (T - 1) / 2 extra steps
-    per tile, so the tile stays short), which keeps every value in registers without lists."""
+                           HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr):
+    """Same contract as ``_bwd_chunk_grads``, lane per channel. Tokens go last to first, in runs of
+    four (T is a multiple of 4): the states before the four tokens of a run are recomputed from the
+    tile's saved start state and held in four register sets, so each token's backward step has the
+    state it needs without a scratch buffer; a run deeper in the tile first re-steps from the tile
+    start to its own start."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -718,6 +781,8 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
     A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    else:
+        D = bias  # unused
     if HAS_CARRY:
         mu = tl.load(MU_ptr + (pid_b * n_chunks + pid_c) * E * N + ne_offs, mask=en_mask, other=0.0)
     else:
@@ -730,55 +795,37 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
         tile = pid_c * tiles + (tiles - 1 - kk)
         h_start = tl.load(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, mask=en_mask & (tile < n_tiles),
                           other=0.0)
-        for ii in tl.static_range(T):
-            h_prev = h_start
-            for j in tl.static_range(T - 1 - ii):
-                tj = tile * T + j
-                dj, uj, Bj = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
-                                          s_Bl, pid_b, tj, L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD,
-                                          HAS_BIAS, SOFTPLUS)
-                h_prev = tl.exp2(dj[:, None] * A2) * h_prev + (dj * uj)[:, None] * Bj[None, :]
-            t = tile * T + (T - 1 - ii)
-            valid = t < L
-            ev_mask = e_mask & valid
-            delta, u, Bt = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
-                                        pid_b, t, L, e, e_mask, n, n_mask, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
-                                        SOFTPLUS)
-            Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=n_mask & valid, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
-            decay = tl.exp2(delta[:, None] * A2)
-            decayed = decay * h_prev
-            h = decayed + (delta * u)[:, None] * Bt[None, :]
-            x_offs = pid_b * s_xb + e * s_xe + t * s_xl
-            if HAS_Z:
-                z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
-                sig = _sigmoid(z)
-                y = tl.sum(h * Ct[None, :], 1)
-                if HAS_D:
-                    y += u * D
-                tl.store(dz_ptr + x_offs, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=ev_mask)
-                gy = dy * z * sig
-            else:
-                gy = dy
-            lam = gy[:, None] * Ct[None, :] + mu
-            lam_B = tl.sum(lam * Bt[None, :], 1)
-            du = delta * lam_B
-            if HAS_D:
-                du += gy * D
-                dD_acc += gy * u
-            ddelta = u * lam_B + tl.sum(lam * decayed * A2, 1) * (1.0 / LOG2E)
-            if SOFTPLUS:
-                # softplus'(raw) = sigmoid(raw) = 1 - exp(-delta)
-                ddelta = ddelta * (1.0 - tl.exp(-delta))
-            ddelta = tl.where(ev_mask, ddelta, 0.0)
-            tl.store(du_ptr + x_offs, du, mask=ev_mask)
-            tl.store(ddelta_ptr + x_offs, ddelta, mask=ev_mask)
-            dbias_acc += ddelta
-            dA_acc += lam * decayed * delta[:, None]
-            tn_offs = (partial_base + t) * N + n
-            tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, None], 0), mask=n_mask & valid)
-            tl.store(dC_ptr + tn_offs, tl.sum(h * gy[:, None], 0), mask=n_mask & valid)
-            mu = decay * lam
+        for run in tl.static_range(T // 4):
+            t0 = tile * T + (T // 4 - 1 - run) * 4
+            h_s = h_start
+            for j in tl.static_range((T // 4 - 1 - run) * 4):
+                h_s = _bwd_lane_state(h_s, tile * T + j, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl,
+                                      s_Bb, s_Bn, s_Bl, pid_b, L, e, e_mask, n, n_mask, A2, W, bias, DT_RANK, RANK_PAD,
+                                      HAS_BIAS, SOFTPLUS, ALIGNED)
+            h_0 = _bwd_lane_state(h_s, t0, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
+                                  s_Bl, pid_b, L, e, e_mask, n, n_mask, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
+                                  SOFTPLUS, ALIGNED)
+            h_1 = _bwd_lane_state(h_0, t0 + 1, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
+                                  s_Bl, pid_b, L, e, e_mask, n, n_mask, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
+                                  SOFTPLUS, ALIGNED)
+            h_2 = _bwd_lane_state(h_1, t0 + 2, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
+                                  s_Bl, pid_b, L, e, e_mask, n, n_mask, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS,
+                                  SOFTPLUS, ALIGNED)
+            for i in tl.static_range(4):
+                # The state before token t0 + 3 - i.
+                if i == 0:
+                    h_prev = h_2
+                elif i == 1:
+                    h_prev = h_1
+                elif i == 2:
+                    h_prev = h_0
+                else:
+                    h_prev = h_s
+                mu, dA_acc, dD_acc, dbias_acc = _bwd_lane_token(
+                    h_prev, mu, dA_acc, dD_acc, dbias_acc, t0 + 3 - i, u_ptr, delta_ptr, B_ptr, C_ptr, D, z_ptr, dy_ptr,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
+                    s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N, e,
+                    e_mask, n, n_mask, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ALIGNED)
     prog = pid_b * n_chunks + pid_c
     tl.store(dA_ptr + prog * E * N + ne_offs, dA_acc, mask=en_mask)
     tl.store(dD_ptr + prog * E + e, dD_acc, mask=e_mask)
