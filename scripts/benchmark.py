@@ -399,6 +399,8 @@ def scan_config_candidates():
         'lanes_t2_e64_c64_w2': ScanConfig(tile=2, block_e=64, tiles_per_chunk=64, num_warps=2, **lanes),
         'lanes_t4_e128_c32_w4': ScanConfig(tile=4, block_e=128, tiles_per_chunk=32, num_warps=4, **lanes),
         'lanes_t8_e64_c16_w2': ScanConfig(tile=8, block_e=64, tiles_per_chunk=16, num_warps=2, **lanes),
+        'lanes_t4_e32_c32_w1': ScanConfig(tile=4, block_e=32, tiles_per_chunk=32, num_warps=1, **lanes),
+        'lanes_t8_e32_c64_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=64, num_warps=1, **lanes),
         'assoc_t8_e32_c32_w4': ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=4),
     }
 

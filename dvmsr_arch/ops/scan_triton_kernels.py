@@ -370,15 +370,6 @@ def _bwd_chunk_grads(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_p
 # per-token channel loads, whose layout would then no longer match the state's.
 
 @triton.jit
-def _delta_row(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, e, e_mask, W, bias, DT_RANK: tl.constexpr,
-               RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr):
-    """delta of token ``t`` for channels ``e`` (fp32, 0 where masked); W is dt_proj as (RANK_PAD, E)."""
-    mask = e_mask & valid
-    dt = _lane_dt(delta_ptr, s_db, s_de, s_dl, base_b, t, valid, mask, e, DT_RANK, RANK_PAD, ALIGNED, True)
-    return _lane_delta(dt, W, bias, mask, DT_RANK, HAS_BIAS, SOFTPLUS)
-
-
-@triton.jit
 def _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
     A2 = tl.load(A_ptr + n[None, :] * E + e[:, None], mask=e_mask[:, None] & n_mask[None, :],
@@ -645,6 +636,48 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
                                 HAS_Z, SAVE_STATES, ALIGNED, True, CONV)
 
 
+@triton.jit
+def _bwd_summary_load(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge,
+                      s_gl, pid_b, t, L, e, e_mask, n, n_mask, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                      HAS_Z: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """What the backward summary reads for token ``t``: dt's row (or this lane's delta), C, dy, z."""
+    valid = t < L
+    ev_mask = (e_mask & valid) if MASKED else e_mask
+    dt = _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, ev_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+    Ct = _row(C_ptr, pid_b * s_Cb, t, s_Cn, s_Cl, n, n_mask, valid, ALIGNED, MASKED)
+    dy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
+    else:
+        z = dy  # unused
+    return dt, Ct, dy, z
+
+
+@triton.jit
+def _bwd_summary_lanes_tiles(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl,
+                             s_gb, s_ge, s_gl, pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, g, decay,
+                             T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ALIGNED: tl.constexpr,
+                             MASKED: tl.constexpr):
+    # Each token's inputs are read one token ahead, as in the forward passes.
+    dt_next, C_next, dy_next, z_next = _bwd_summary_load(
+        delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, pid_b,
+        pid_c * tiles * T, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_Z, ALIGNED, MASKED)
+    for k in range(tiles):
+        for i in tl.static_range(T):
+            t = (pid_c * tiles + k) * T + i
+            dt, Ct, gy, z = dt_next, C_next, dy_next, z_next
+            dt_next, C_next, dy_next, z_next = _bwd_summary_load(
+                delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
+                pid_b, _next_token(t, L, MASKED), L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_Z, ALIGNED, MASKED)
+            delta = _lane_delta(dt, W, bias, (e_mask & (t < L)) if MASKED else e_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
+            if HAS_Z:
+                gy *= z * _sigmoid(z)
+            decay *= tl.exp2(delta[:, None] * A2)
+            g += decay * gy[:, None] * Ct[None, :]
+    return g, decay
+
+
 @triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'tiles', 's_db', 's_de', 's_dl', 's_Cb', 's_Cn', 's_Cl', 's_zb',
                                's_ze', 's_zl', 's_gb', 's_ge', 's_gl'])
 def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy_ptr, P_ptr, G_ptr, L, E, N,
@@ -652,7 +685,8 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
                              T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
                              RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr):
-    """Same contract as ``_bwd_chunk_summary``; the decay from the chunk start is a running product."""
+    """Same contract as ``_bwd_chunk_summary``; the decay from the chunk start is a running product.
+    Every chunk but the last runs without token masks."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -663,20 +697,16 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
     A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
     g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     decay = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32) + 1.0
-    for k in range(tiles):
-        for i in tl.static_range(T):
-            t = (pid_c * tiles + k) * T + i
-            valid = t < L
-            ev_mask = e_mask & valid
-            delta = _delta_row(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, e, e_mask, W, bias, DT_RANK, RANK_PAD,
-                               HAS_BIAS, SOFTPLUS, ALIGNED)
-            gy = tl.load(dy_ptr + pid_b * s_gb + e * s_ge + t * s_gl, mask=ev_mask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                z = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=ev_mask, other=0.0).to(tl.float32)
-                gy *= z * _sigmoid(z)
-            Ct = _row(C_ptr, pid_b * s_Cb, t, s_Cn, s_Cl, n, n_mask, valid, ALIGNED, True)
-            decay *= tl.exp2(delta[:, None] * A2)
-            g += decay * gy[:, None] * Ct[None, :]
+    if (pid_c + 1) * tiles * T <= L:
+        g, decay = _bwd_summary_lanes_tiles(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb,
+                                            s_ze, s_zl, s_gb, s_ge, s_gl, pid_b, pid_c, L, tiles, e, e_mask, n, n_mask,
+                                            A2, W, bias, g, decay, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_Z,
+                                            ALIGNED, False)
+    else:
+        g, decay = _bwd_summary_lanes_tiles(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb,
+                                            s_ze, s_zl, s_gb, s_ge, s_gl, pid_b, pid_c, L, tiles, e, e_mask, n, n_mask,
+                                            A2, W, bias, g, decay, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_Z,
+                                            ALIGNED, True)
     offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
     en_mask = e_mask[:, None] & n_mask[None, :]
     tl.store(P_ptr + offs, decay, mask=en_mask)
