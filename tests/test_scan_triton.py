@@ -226,6 +226,12 @@ def run_all_cases():
     scan_triton.set_configs(backward=ScanConfig(tile=8, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True))
     results['lowrank_packed_rows_sequential'] = scan_case(2, 6, 4, 29, 4, token_major=True, with_extras=True,
                                                           packed=True)
+    # The released widths' backward layout: 32 channels per warp and 16 states, so dB and dC are
+    # summed over the lanes by the reduce-scatter (emulated here); E=40 leaves a half-empty block.
+    scan_triton.set_configs(backward=ScanConfig(tile=4, block_e=32, tiles_per_chunk=2, num_warps=1, sequential=True))
+    results['lowrank_packed_rows_warp_sums'] = scan_case(1, 40, 16, 37, 4, token_major=True, with_extras=True,
+                                                         packed=True)
+    scan_triton.set_configs(backward=backward_lanes)
     results['half_inputs'] = scan_case(1, 4, 4, 13, 2, token_major=True, with_extras=True, dtype=torch.float16)
     results['conv_scan'] = conv_scan_case()
     results['fused'] = fused_case()
@@ -249,11 +255,12 @@ def interpreted():
 
 @needs_triton
 @pytest.mark.parametrize('case', ['full_delta_channel_major', 'plain_no_D_z_bias_softplus',
-                                  'lowrank_token_major_sequential', 'lowrank_packed_rows_sequential'])
+                                  'lowrank_token_major_sequential', 'lowrank_packed_rows_sequential',
+                                  'lowrank_packed_rows_warp_sums'])
 def test_scan_matches_float64_ref(interpreted, case):
     result = interpreted[case]
-    # The packed case must take the 128-bit row-load path, the others the general one.
-    assert result['rows_aligned'] == (case == 'lowrank_packed_rows_sequential')
+    # The packed cases must take the 128-bit row-load path, the others the general one.
+    assert result['rows_aligned'] == ('packed' in case)
     assert result['forward'] < TOL
     assert result['no_grad_path'] < TOL
     grads = {k: v for k, v in result.items() if k.startswith('grad_')}

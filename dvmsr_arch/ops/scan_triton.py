@@ -190,7 +190,13 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
 
     # Token-major (batch, L, E) buffers seen as (batch, E, L).
     du, ddelta, dz = (torch.empty(batch, length, inner, **f32).transpose(1, 2) for _ in range(3))
-    dB_part, dC_part = (torch.empty(n_eblk, batch, length, state, **f32) for _ in range(2))
+    # One channel per lane and 16 states: each warp sums dB and dC over its own channels with
+    # warp shuffles and writes its own partial slice.
+    warp_sums = cfg.sequential and _pow2(state) == 16 and cfg.block_e == 32 * cfg.num_warps
+    grads_extra = dict(lane_extra, WARP_SUMS=warp_sums, EMULATE=os.environ.get('TRITON_INTERPRET') == '1') \
+        if cfg.sequential else {}
+    dB_part, dC_part = (torch.empty(n_eblk * (cfg.num_warps if warp_sums else 1), batch, length, state, **f32)
+                        for _ in range(2))
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
     dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
     grads = k._bwd_chunk_grads_lanes if cfg.sequential else k._bwd_chunk_grads
@@ -198,7 +204,7 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
                              ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch,
                              n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
                              *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None,
-                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes, **lane_extra)
+                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes, **grads_extra)
     dB = dB_part.sum(0).transpose(1, 2)
     dC = dC_part.sum(0).transpose(1, 2)
     dA = dA_part.sum((0, 1)).t()

@@ -734,14 +734,77 @@ def _bwd_lane_state(h, t, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de,
 
 
 @triton.jit
+def _butterfly(x, lane, MASK: tl.constexpr, EMULATE: tl.constexpr):
+    """Each lane's ``x`` as lane ^ MASK holds it: one warp shuffle per register. EMULATE does the
+    same with a gather along the channel axis (Triton's interpreter runs no inline PTX)."""
+    if EMULATE:
+        return tl.gather(x, tl.broadcast_to((lane ^ MASK)[:, None], x.shape), 0)
+    else:
+        if MASK == 16:
+            asm: tl.constexpr = "shfl.sync.bfly.b32 $0, $1, 16, 0x1f, -1;"
+        elif MASK == 8:
+            asm: tl.constexpr = "shfl.sync.bfly.b32 $0, $1, 8, 0x1f, -1;"
+        elif MASK == 4:
+            asm: tl.constexpr = "shfl.sync.bfly.b32 $0, $1, 4, 0x1f, -1;"
+        elif MASK == 2:
+            asm: tl.constexpr = "shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;"
+        else:
+            asm: tl.constexpr = "shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;"
+        return tl.inline_asm_elementwise(asm, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fold(a, b, ia, ib, lane, MASK: tl.constexpr, EMULATE: tl.constexpr):
+    """One step of a reduce-scatter over the lanes: of the value pairs (a, b), a lane keeps one half
+    and sends the other to lane ^ MASK, which keeps the opposite half; ``ia``/``ib`` track which
+    output each kept value is part of."""
+    upper = ((lane & MASK) != 0)[:, None]
+    keep = tl.where(upper, b, a)
+    return keep + _butterfly(tl.where(upper, a, b), lane, MASK, EMULATE), tl.where(upper, ib, ia)
+
+
+@triton.jit
+def _halves(x, BLOCK_E: tl.constexpr, WIDTH: tl.constexpr):
+    return tl.split(tl.reshape(x, [BLOCK_E, WIDTH // 2, 2]))
+
+
+@triton.jit
+def _lane_sums(a, b, lane, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
+    """The sums over the 32 channels of a warp of a (BLOCK_E, 16) and b (BLOCK_E, 16), as a
+    reduce-scatter: 31 shuffles instead of the 160 of two butterfly reductions. Each lane ends with
+    one of the 32 sums; returns it and its index (n for a's sums, BLOCK_N + n for b's)."""
+    n = tl.arange(0, BLOCK_N)
+    ia = tl.broadcast_to(n[None, :], [BLOCK_E, BLOCK_N])
+    v, idx = _fold(a, b, ia, ia + BLOCK_N, lane, 16, EMULATE)
+    va, vb = _halves(v, BLOCK_E, 16)
+    ia, ib = _halves(idx, BLOCK_E, 16)
+    v, idx = _fold(va, vb, ia, ib, lane, 8, EMULATE)
+    va, vb = _halves(v, BLOCK_E, 8)
+    ia, ib = _halves(idx, BLOCK_E, 8)
+    v, idx = _fold(va, vb, ia, ib, lane, 4, EMULATE)
+    va, vb = _halves(v, BLOCK_E, 4)
+    ia, ib = _halves(idx, BLOCK_E, 4)
+    v, idx = _fold(va, vb, ia, ib, lane, 2, EMULATE)
+    va, vb = _halves(v, BLOCK_E, 2)
+    ia, ib = _halves(idx, BLOCK_E, 2)
+    v, idx = _fold(va, vb, ia, ib, lane, 1, EMULATE)
+    return tl.reshape(v, [BLOCK_E]), tl.reshape(idx, [BLOCK_E])
+
+
+@triton.jit
 def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, B_ptr, C_ptr, D, z_ptr, dy_ptr,
                     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                     s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N,
-                    e, e_mask, n, n_mask, A2, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                    e, e_mask, n, n_mask, lane, A2, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                    ALIGNED: tl.constexpr):
+                    ALIGNED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SUMS: tl.constexpr,
+                    EMULATE: tl.constexpr):
     """Every gradient of token ``t`` from the state before it (``h_prev``) and the adjoint handed
-    back by token t + 1 (``mu`` = a_{t+1} lambda_{t+1}); returns the adjoint for token t - 1."""
+    back by token t + 1 (``mu`` = a_{t+1} lambda_{t+1}); returns the adjoint for token t - 1.
+
+    dB and dC of the token are sums over channels, so over lanes. WARP_SUMS: each warp sums its 32
+    channels by a reduce-scatter and writes its own partial slice (``partial_base`` per lane);
+    otherwise ``tl.sum`` over the block."""
     valid = t < L
     ev_mask = e_mask & valid
     delta, u, Bt = _lane_inputs(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t,
@@ -778,9 +841,16 @@ def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, 
     tl.store(ddelta_ptr + x_offs, ddelta, mask=ev_mask)
     dbias_acc += ddelta
     dA_acc += lam_decayed * delta[:, None]
-    tn_offs = (partial_base + t) * N + n
-    tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, None], 0), mask=n_mask & valid)
-    tl.store(dC_ptr + tn_offs, tl.sum(h * gy[:, None], 0), mask=n_mask & valid)
+    if WARP_SUMS:
+        sums, which = _lane_sums(lam * (delta * u)[:, None], h * gy[:, None], lane, BLOCK_E, BLOCK_N, EMULATE)
+        of_C = which >= BLOCK_N
+        which_n = tl.where(of_C, which - BLOCK_N, which)
+        offs = (partial_base + t) * N + which_n
+        tl.store(tl.where(of_C, dC_ptr + offs, dB_ptr + offs), sums, mask=(which_n < N) & valid)
+    else:
+        tn_offs = (partial_base + t) * N + n
+        tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, None], 0), mask=n_mask & valid)
+        tl.store(dC_ptr + tn_offs, tl.sum(h * gy[:, None], 0), mask=n_mask & valid)
     return decay * lam, dA_acc, dD_acc, dbias_acc
 
 
@@ -793,8 +863,10 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                            s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, T: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                           HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr):
-    """Same contract as ``_bwd_chunk_grads``, lane per channel. Tokens go last to first, in runs of
+                           HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr,
+                           WARP_SUMS: tl.constexpr, EMULATE: tl.constexpr):
+    """Same contract as ``_bwd_chunk_grads``, lane per channel; with WARP_SUMS (one channel per
+    lane, BLOCK_N = 16), dB and dC have one partial slice per warp instead of per program. Tokens go last to first, in runs of
     four (T is a multiple of 4): the states before the four tokens of a run are recomputed from the
     tile's saved start state and held in four register sets, so each token's backward step has the
     state it needs without a scratch buffer; a run deeper in the tile first re-steps from the tile
@@ -820,7 +892,11 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
     dA_acc = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    partial_base = (pid_e * batch + pid_b) * L
+    lane = tl.arange(0, BLOCK_E) % 32
+    if WARP_SUMS:
+        partial_base = ((pid_e * (BLOCK_E // 32) + tl.arange(0, BLOCK_E) // 32) * batch + pid_b) * L
+    else:
+        partial_base = (pid_e * batch + pid_b) * L
     for kk in range(tiles):
         tile = pid_c * tiles + (tiles - 1 - kk)
         h_start = tl.load(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, mask=en_mask & (tile < n_tiles),
@@ -855,7 +931,8 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                     h_prev, mu, dA_acc, dD_acc, dbias_acc, t0 + 3 - i, u_ptr, delta_ptr, B_ptr, C_ptr, D, z_ptr, dy_ptr,
                     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                     s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N, e,
-                    e_mask, n, n_mask, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ALIGNED)
+                    e_mask, n, n_mask, lane, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ALIGNED,
+                    BLOCK_E, BLOCK_N, WARP_SUMS, EMULATE)
     prog = pid_b * n_chunks + pid_c
     tl.store(dA_ptr + prog * E * N + ne_offs, dA_acc, mask=en_mask)
     tl.store(dD_ptr + prog * E + e, dD_acc, mask=e_mask)
