@@ -47,7 +47,7 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return x * keep.div_(1.0 - self.p)  # one pass over x, not two
 
 
 def _ssm_parameters(inner: int, d_state: int, d_conv: int, dt_rank: int):
@@ -334,7 +334,9 @@ class DVMSR(nn.Module):
     def _run(self, x: Tensor, keep_features: bool) -> Tuple[Tensor, Dict[str, object]]:
         size = (x.shape[2], x.shape[3])
         fused = resolve_backend(self.scan_backend, x.device) == 'triton'
-        x = (x - self.mean) * self.img_range
+        x = x - self.mean
+        if self.img_range != 1.0:
+            x = x * self.img_range
         shallow = self.conv_first(x)
         tokens = self.patch_embed(shallow, fused)
         rssb = []
@@ -349,7 +351,7 @@ class DVMSR(nn.Module):
                 out = self._reconstruct(body.float())
         else:
             out = self._reconstruct(body)
-        out = out / self.img_range + self.mean
+        out = torch.add(self.mean, out, alpha=1.0 / self.img_range)  # one pass over the SR image
         return out, {'rssb': [tokens_to_images(t, size) for t in rssb], 'body': body}
 
     def _reconstruct(self, body: Tensor) -> Tensor:
