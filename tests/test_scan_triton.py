@@ -200,6 +200,9 @@ def model_case():
     from dvmsr_arch.ops import low_memory_inference
     with torch.no_grad(), low_memory_inference():  # conv1d inside x_proj's kernel and the scan
         result['low_memory_forward'] = max_rel(fused(x), ref.detach())
+    # fp16 autocast inference: the fused kernels with fp16 activations, x_proj's rows padded.
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16), poisoned_empty():
+        result['fp16_autocast_forward'] = max_rel(fused(x), ref.detach())
     return result
 
 
@@ -232,6 +235,10 @@ def run_all_cases():
     results['lowrank_packed_rows_warp_sums'] = scan_case(1, 40, 16, 37, 4, token_major=True, with_extras=True,
                                                          packed=True)
     scan_triton.set_configs(backward=backward_lanes)
+    # fp16 rows as the network lays them out under autocast: [dt, B, C] starting on 16 bytes (R = N = 8),
+    # read with vector loads.
+    results['half_packed_rows'] = scan_case(1, 6, 8, 29, 8, token_major=True, with_extras=True, dtype=torch.float16,
+                                            packed=True)
     results['half_inputs'] = scan_case(1, 4, 4, 13, 2, token_major=True, with_extras=True, dtype=torch.float16)
     results['conv_scan'] = conv_scan_case()
     results['fused'] = fused_case()
@@ -282,11 +289,19 @@ def test_scan_applies_conv_and_writes_over_z(interpreted):
 
 
 @needs_triton
+def test_network_fp16_autocast_inference_on_triton_path(interpreted):
+    # fp16 activations around an fp32 scan state: within fp16's resolution of the float64 network.
+    assert interpreted['model']['fp16_autocast_forward'] < 5e-3
+
+
+@needs_triton
 def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
     # fp16 activations: the output is rounded to fp16 (relative step 2**-11), the state is not.
-    result = interpreted['half_inputs']
-    assert result['forward'] < 2e-3 and result['no_grad_path'] < 2e-3
-    assert max(v for k, v in result.items() if k.startswith('grad_')) < 5e-3
+    for case, aligned in (('half_inputs', False), ('half_packed_rows', True)):
+        result = interpreted[case]
+        assert result['rows_aligned'] == aligned
+        assert result['forward'] < 2e-3 and result['no_grad_path'] < 2e-3
+        assert max(v for k, v in result.items() if k.startswith('grad_')) < 5e-3
 
 
 @needs_triton

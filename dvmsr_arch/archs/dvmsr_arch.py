@@ -88,6 +88,7 @@ class MambaMixer(nn.Module):
                 inner, d_state, d_conv, dt_rank)
         self.bidirectional = bidirectional
         self.out_proj = nn.Linear(inner, dim, bias=False)
+        self._padded_weight_cache: Optional[Tuple[tuple, Tensor]] = None
 
     def _scan(self, x: Tensor, z: Tensor, conv1d: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor,
               D: Tensor, backend: str) -> Tensor:
@@ -107,21 +108,23 @@ class MambaMixer(nn.Module):
         scan (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
         """
         no_grad = not torch.is_grad_enabled()
-        inference = no_grad and not torch.is_autocast_enabled()  # the fused kernels do not autocast
-        if inference and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
+        # Under autocast, inference keeps the fused kernels and stores their activations in the
+        # autocast dtype (the scan state stays fp32).
+        half_dtype = _autocast_dtype(tokens.device.type) if no_grad else None
+        if no_grad and half_dtype is None and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
             return self._infer_triton_low_memory(tokens, norm)
         inner = self.in_proj.out_features // 2
         if no_grad:
-            xz = self._in_proj_triton(tokens, norm, inference)
+            xz = self._in_proj_triton(tokens, norm, inference=True, out_dtype=half_dtype)
             x_raw, z = xz[..., :inner], xz[..., inner:]
         else:
             # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
             # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
             if norm is not None:
                 tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
-            x_raw, z = (F.linear(tokens, half) for half in self.in_proj.weight.split(inner))
+            x_raw, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.split(inner))
         x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._x_proj_rows(x)
         # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
         # (B, L, E) buffer less at the peak.
         out = x_raw.transpose(1, 2) if no_grad else None
@@ -131,10 +134,42 @@ class MambaMixer(nn.Module):
                                           delta_softplus=True, out=out)
         return self.out_proj(y.transpose(1, 2))
 
-    def _in_proj_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], inference: bool) -> Tensor:
-        """in_proj(norm(tokens)), (B, L, 2E); for inference LayerNorm runs inside in_proj's kernel."""
+    def _x_proj_rows(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x_proj(x) split into (dt, B, C), (B, L, R) and (B, L, N) each.
+
+        fp32 rows [dt, B, C] start B and C on 16 bytes when R and N are multiples of 4, so the scan
+        reads them with vector loads. For 2-byte activations in inference (autocast) dt is padded
+        with zero columns to a multiple of 8, which keeps that alignment.
+        """
+        rank, state = self.dt_rank, self.d_state
+        pad = -rank % 8 if x.element_size() == 2 and not torch.is_grad_enabled() else 0
+        if not pad:
+            return self.x_proj(x).split([rank, state, state], dim=-1)
+        rows = F.linear(x, self._padded_x_proj_weight(pad, x.dtype))
+        return rows[..., :rank], rows[..., rank + pad:rank + pad + state], rows[..., rank + pad + state:]
+
+    def _padded_x_proj_weight(self, pad: int, dtype: torch.dtype) -> Tensor:
+        """x_proj's weight with ``pad`` zero rows after dt's, in ``dtype``; rebuilt only when the
+        weight changes (its version counter moves with every in-place update), so inference does not
+        pay a concatenation and a cast in every ViMM call."""
+        weight = self.x_proj.weight
+        key = (weight.data_ptr(), weight._version, pad, dtype)
+        if self._padded_weight_cache is None or self._padded_weight_cache[0] != key:
+            with torch.no_grad():
+                padded = torch.cat([weight[:self.dt_rank], weight.new_zeros(pad, weight.shape[1]),
+                                    weight[self.dt_rank:]]).to(dtype)
+            self._padded_weight_cache = (key, padded)
+        return self._padded_weight_cache[1]
+
+    def _in_proj_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], inference: bool,
+                        out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """in_proj(norm(tokens)), (B, L, 2E); for inference LayerNorm runs inside in_proj's kernel,
+        which stores its output in ``out_dtype`` (default: the dtype of ``tokens``)."""
         if norm is not None and inference:
-            return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight)
+            return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight,
+                                            out_dtype=out_dtype)
+        if inference and out_dtype is not None:
+            return self.in_proj(tokens).to(out_dtype)
         if norm is not None:
             tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
         return self.in_proj(tokens)
@@ -361,6 +396,16 @@ class DVMSR(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, keep_features=False)[0]
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype where autocast is on for ``device_type``, else None."""
+    if not _autocast_enabled(device_type):
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == 'cuda' else torch.get_autocast_cpu_dtype()
 
 
 def _autocast_enabled(device_type: str) -> bool:

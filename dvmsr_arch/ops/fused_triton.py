@@ -89,7 +89,8 @@ def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Te
     return _layer_norm_forward(x, weight, bias, eps, save_stats=False)[0]
 
 
-def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, weight: Tensor) -> Tensor:
+def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, weight: Tensor,
+                             out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``F.linear(F.layer_norm(x), weight)`` without bias, for inference: one kernel reads x once and
     writes only the projection, instead of writing the normalised tokens and reading them again.
 
@@ -100,7 +101,7 @@ def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, 
     batch, length, channels = x.shape
     out_features = weight.shape[0]
     rows = batch * length
-    y = torch.empty(batch, length, out_features, device=x.device, dtype=x.dtype)
+    y = torch.empty(batch, length, out_features, device=x.device, dtype=out_dtype or x.dtype)
     _kernels()._layer_norm_linear_fwd[(_cdiv(rows, LN_LINEAR_BLOCK_ROWS),)](
         x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, out_features, *x.stride(), eps,
         BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)), BLOCK_O=LN_LINEAR_BLOCK_OUT,

@@ -82,13 +82,14 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _rows_aligned(dt: Optional[Tensor], B: Tensor, C: Tensor, rank: int, state: int) -> bool:
     """Whether every token's row of dt, B and C is contiguous, starts on 16 bytes and fills its
-    power-of-two block: then the lane-per-channel kernels read each row with 128-bit loads. This
-    holds for the network's token-major x_proj output (rank 4, state 16) and for few other callers."""
+    power-of-two block: then the lane-per-channel kernels read each row with vector loads (128-bit
+    for fp32). This holds for the network's token-major x_proj output (rank 4, state 16; for 2-byte
+    activations with dt padded to 8 columns) and for few other callers."""
     rows = [B, C] + ([dt] if rank else [])
     if state != _pow2(state) or state % 4 or (rank and (rank != _pow2(rank) or rank % 4)):
         return False
-    return all(t.dtype == torch.float32 and t.stride(1) == 1 and t.stride(0) % 4 == 0 and t.stride(2) % 4 == 0
-               and t.data_ptr() % 16 == 0 for t in rows)
+    return all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.stride(1) == 1
+               and t.stride(0) % 4 == 0 and t.stride(2) % 4 == 0 and t.data_ptr() % 16 == 0 for t in rows)
 
 
 def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
