@@ -647,7 +647,7 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
             # carry their kernels' time as well and would count it twice.
             total = sum(e.time_range.elapsed_us() for e in prof.events()
                         if e.device_type == DeviceType.CUDA) / args.profile_runs / 1e3
-            results.setdefault('gpu_ms_per_forward', {})[key] = total
+            results.setdefault('gpu_ms_per_train_step' if args.profile_train else 'gpu_ms_per_forward', {})[key] = total
             print(f'profile {key}: GPU kernel time {total:.3f} ms per {what}', flush=True)
             del work
     return results

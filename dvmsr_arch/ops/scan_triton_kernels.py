@@ -16,8 +16,10 @@ backward  1. ``_bwd_chunk_summary``: each chunk's adjoint contribution from a ze
           3. ``_bwd_chunk_grads``: per tile, recompute the states, scan the adjoint backwards, and
              form every gradient (per-program partial sums where several programs meet).
 
-Within a tile every quantity is a (T, E, N) register block and the scans are
-``tl.associative_scan`` over the token axis. The state is fp32 whatever the input dtype, and only
+Two kernel families implement these steps. In the first, every quantity of a tile is a (T, E, N)
+register block and the scans are ``tl.associative_scan`` over the token axis. In the second (the
+``*_lanes`` kernels, the default both ways), each thread owns one channel and its N states and
+steps through the tokens one by one. The state is fp32 whatever the input dtype, and only
 decay factors in (0, 1] are formed, so nothing overflows on long sequences.
 
 ``delta`` is either a full (batch, E, L) tensor or, with ``DT_RANK > 0``, the low-rank factor
@@ -765,6 +767,7 @@ def _fold(a, b, ia, ib, lane, MASK: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _halves(x, BLOCK_E: tl.constexpr, WIDTH: tl.constexpr):
+    """(BLOCK_E, WIDTH) -> two (BLOCK_E, WIDTH // 2): the even and the odd columns, in registers."""
     return tl.split(tl.reshape(x, [BLOCK_E, WIDTH // 2, 2]))
 
 
