@@ -13,6 +13,17 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _row_block(rows, L, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's block of token rows over (batch * L) rows of C channels: row indices, channel
+    indices, their masks and the 2-D mask, and each row's batch index and position."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    r_mask = r < rows
+    c_mask = c < C
+    return r, c, r_mask, c_mask, r_mask[:, None] & c_mask[None, :], (r // L).to(tl.int64), r % L
+
+
+@triton.jit
 def _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps):
     """LayerNorm of a block of token rows (batch index ``rb``, position ``rl``), fp32 (undefined
     outside ``mask``), with the rows' mean and 1/std."""
@@ -59,13 +70,7 @@ def _store_times_weight(a, w_ptr, y_ptr, out_rows, row_mask, k, k_mask, K, OUT, 
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_yb'])
 def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
                     eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATS: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    r_mask = r < rows
-    c_mask = c < C
-    mask = r_mask[:, None] & c_mask[None, :]
-    rb = (r // L).to(tl.int64)
-    rl = r % L
+    r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
     y, mean, rstd = _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
     tl.store(y_ptr + (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
     if SAVE_STATS:
@@ -78,13 +83,7 @@ def _layer_norm_bwd(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db
                     s_gb, s_gl, s_gc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx (rows, C) contiguous; dw, db: one partial row per program."""
     pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    r_mask = r < rows
-    c_mask = c < C
-    mask = r_mask[:, None] & c_mask[None, :]
-    rb = (r // L).to(tl.int64)
-    rl = r % L
+    r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + (rb * s_gb + rl * s_gl)[:, None] + c[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
@@ -164,13 +163,7 @@ def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, OUT,
 
     x (batch, L, C) any strides; W (OUT, C) contiguous; y (rows, OUT) contiguous. C fits one block.
     """
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    r_mask = r < rows
-    c_mask = c < C
-    mask = r_mask[:, None] & c_mask[None, :]
-    rb = (r // L).to(tl.int64)
-    rl = r % L
+    r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
     xn, _, _ = _normalised_rows(x_ptr, nw_ptr, nb_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
     xn = tl.where(mask, xn, 0.0)  # padded columns and rows must add nothing to the matmul
     _store_times_weight(xn, w_ptr, y_ptr, r.to(tl.int64)[:, None] * OUT, r_mask, c, c_mask, C, OUT, BLOCK_O, TF32)
