@@ -115,7 +115,7 @@ class MambaMixer(nn.Module):
             return self._infer_triton_low_memory(tokens, norm)
         inner = self.in_proj.out_features // 2
         if no_grad:
-            xz = self._in_proj_triton(tokens, norm, inference=True, out_dtype=half_dtype)
+            xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
             x_raw, z = xz[..., :inner], xz[..., inner:]
         else:
             # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
@@ -161,25 +161,22 @@ class MambaMixer(nn.Module):
             self._padded_weight_cache = (key, padded)
         return self._padded_weight_cache[1]
 
-    def _in_proj_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], inference: bool,
-                        out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """in_proj(norm(tokens)), (B, L, 2E); for inference LayerNorm runs inside in_proj's kernel,
-        which stores its output in ``out_dtype`` (default: the dtype of ``tokens``)."""
-        if norm is not None and inference:
-            return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight,
-                                            out_dtype=out_dtype)
-        if inference and out_dtype is not None:
-            return self.in_proj(tokens).to(out_dtype)
-        if norm is not None:
-            tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
-        return self.in_proj(tokens)
+    def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm],
+                           out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """in_proj(norm(tokens)), (B, L, 2E), without autograd: LayerNorm runs inside in_proj's
+        kernel, which stores its output in ``out_dtype`` (default: the dtype of ``tokens``; under
+        autocast, the autocast dtype, as ``self.in_proj`` alone would give)."""
+        if norm is None:
+            return self.in_proj(tokens)
+        return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight,
+                                        out_dtype=out_dtype)
 
     def _infer_triton_low_memory(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
         """Inference that never stores conv1d's output (see :func:`dvmsr_arch.ops.low_memory_inference`):
         conv1d + SiLU run inside x_proj's kernel and again inside the scan, which writes y over z.
         Besides its input and output, a ViMM then holds only xz (B, L, 2E) and x_proj's rows."""
         inner = self.in_proj.out_features // 2
-        xz = self._in_proj_triton(tokens, norm, inference=True)
+        xz = self._in_proj_inference(tokens, norm)
         x, z = xz[..., :inner], xz[..., inner:]
         rows = causal_conv1d_silu_linear_tokens(x, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
         dt, B, C = rows.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
