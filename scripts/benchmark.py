@@ -402,6 +402,16 @@ def scan_config_candidates():
         'lanes_t4_e32_c32_w1': ScanConfig(tile=4, block_e=32, tiles_per_chunk=32, num_warps=1, **lanes),
         'lanes_t8_e32_c64_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=64, num_warps=1, **lanes),
         'assoc_t8_e32_c32_w4': ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=4),
+        'lanes_t4_e64_c32_w2_p2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=2, **lanes),
+        'lanes_t4_e64_c32_w2_p4': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=4, **lanes),
+        'lanes_t4_e64_c32_w2_p8': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=8, **lanes),
+        'lanes_t4_e64_c32_w2_p16': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=16, **lanes),
+        'lanes_t4_e128_c32_w4_p8': ScanConfig(tile=4, block_e=128, tiles_per_chunk=32, num_warps=4, prefetch=8, **lanes),
+        'lanes_t8_e32_c16_w1_p8': ScanConfig(tile=8, block_e=32, tiles_per_chunk=16, num_warps=1, prefetch=8, **lanes),
+        'lanes_t8_e64_c16_w2_p8': ScanConfig(tile=8, block_e=64, tiles_per_chunk=16, num_warps=2, prefetch=8, **lanes),
+        'lanes_t4_e32_c64_w1_p8': ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, prefetch=8, **lanes),
+        'lanes_t4_e32_c64_w1_p16': ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, prefetch=16, **lanes),
+        'lanes_t4_e32_c32_w1_p8': ScanConfig(tile=4, block_e=32, tiles_per_chunk=32, num_warps=1, prefetch=8, **lanes),
     }
 
 

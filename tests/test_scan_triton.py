@@ -225,16 +225,20 @@ def run_all_cases():
     scan_triton.set_configs(lanes, backward_lanes)
     results['lowrank_token_major_sequential'] = scan_case(1, 6, 3, 21, 2, token_major=True, with_extras=True)
     # As the network calls it: R=4, N=4 packed rows (aligned loads), 3 full chunks and a partial one
-    # forward; backward tiles of 8, so that the second run of 4 re-steps from the tile start.
-    scan_triton.set_configs(backward=ScanConfig(tile=8, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True))
+    # forward; backward tiles of 8, so that the second run of 4 re-steps from the tile start. With
+    # the L2 prefetch, as the defaults run: the interpreter skips the prefetch itself, but not the
+    # code around it.
+    scan_triton.set_configs(ScanConfig(tile=4, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True, prefetch=3),
+                            ScanConfig(tile=8, block_e=4, tiles_per_chunk=2, num_warps=1, sequential=True, prefetch=8))
     results['lowrank_packed_rows_sequential'] = scan_case(2, 6, 4, 29, 4, token_major=True, with_extras=True,
                                                           packed=True)
     # The released widths' backward layout: 32 channels per warp and 16 states, so dB and dC are
     # summed over the lanes by the reduce-scatter (emulated here); E=40 leaves a half-empty block.
-    scan_triton.set_configs(backward=ScanConfig(tile=4, block_e=32, tiles_per_chunk=2, num_warps=1, sequential=True))
+    scan_triton.set_configs(backward=ScanConfig(tile=4, block_e=32, tiles_per_chunk=2, num_warps=1, sequential=True,
+                                                prefetch=8))
     results['lowrank_packed_rows_warp_sums'] = scan_case(1, 40, 16, 37, 4, token_major=True, with_extras=True,
                                                          packed=True)
-    scan_triton.set_configs(backward=backward_lanes)
+    scan_triton.set_configs(lanes, backward_lanes)
     # fp16 rows as the network lays them out under autocast: [dt, B, C] starting on 16 bytes (R = N = 8),
     # read with vector loads.
     results['half_packed_rows'] = scan_case(1, 6, 8, 29, 8, token_major=True, with_extras=True, dtype=torch.float16,

@@ -23,12 +23,15 @@ class ScanConfig:
     """Kernel shape: ``tile`` tokens per register block, ``block_e`` channels per program,
     ``tiles_per_chunk`` tiles per sequence chunk (one program each), ``num_warps`` per program.
     ``sequential``: the kernels give each thread one channel and step through a tile token by
-    token, its N states in registers, instead of scanning the tile as a (T, E, N) block."""
+    token, its N states in registers, instead of scanning the tile as a (T, E, N) block.
+    ``prefetch`` (lane-per-channel kernels only): tokens ahead whose inputs the kernels ask the L2
+    for as they go (in the backward's gradient kernel, rounded to whole tiles); 0 asks for none."""
     tile: int = 16
     block_e: int = 32
     tiles_per_chunk: int = 16
     num_warps: int = 4
     sequential: bool = False
+    prefetch: int = 0
 
 
 # The shapes measured and checked against float64 on a GPU (docs/performance.md). Forward: the
@@ -36,9 +39,10 @@ class ScanConfig:
 # read one token ahead). Backward: lane-per-channel too, one warp of 32 channels per program and
 # tiles of 4 tokens (the fastest training step of a sweep; the (T, E, N) block kernels took twice
 # as long). Under autograd the forward pass runs with the backward's tile, because the backward
-# restarts from the states saved at every tile start.
-FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True)
-BACKWARD_CONFIG = ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, sequential=True)
+# restarts from the states saved at every tile start. Both prefetch 8 tokens ahead: without it the
+# kernels spent most of their stalls waiting on those loads.
+FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True, prefetch=8)
+BACKWARD_CONFIG = ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, sequential=True, prefetch=8)
 CARRY_BLOCK_CHUNKS = 256
 CARRY_BLOCK_STATES = 16
 
@@ -118,7 +122,8 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     if cfg.sequential:
         shapes['RANK_PAD'] = _pow2(max(rank, 1))
     if cfg.sequential:
-        shapes.update(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state), CONV=conv is not None)
+        shapes.update(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state), CONV=conv is not None,
+                      PREFETCH=cfg.prefetch)
     elif conv is not None:
         raise ValueError('the scan applies a conv only with lane-per-channel forward kernels')
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -176,7 +181,8 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     z_or_u = z if z is not None else u
 
     # The lane-per-channel kernels read dt/B/C rows with 128-bit loads where they allow it.
-    lane_extra = dict(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state)) if cfg.sequential else {}
+    lane_extra = dict(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state),
+                      PREFETCH=cfg.prefetch) if cfg.sequential else {}
     carry = any_t
     if n_chunks > 1:
         decay, handed = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))

@@ -26,11 +26,15 @@ decay factors in (0, 1] are formed, so nothing overflows on long sequences.
 dt (batch, R, L) of Mamba's delta projection, expanded inside the kernels as dt @ W^T: the
 (batch, E, L) delta then never exists in memory.
 """
+import os
+
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Triton's interpreter runs no inline PTX; under it the kernels take tl.* equivalents instead.
+INTERPRETED = tl.constexpr(os.environ.get('TRITON_INTERPRET') == '1')
 
 
 @triton.jit
@@ -481,6 +485,29 @@ def _conv_step(raw, x3, x2, x1, w0, w1, w2, w3, cb, CONV: tl.constexpr):
 
 
 @triton.jit
+def _prefetch(ptrs):
+    # prefetch.global.L2: the lines of a later token start on their way without a register to land
+    # in, so the distance ahead costs no occupancy (a deeper read-ahead into registers would).
+    if not INTERPRETED:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_indices(e, E, N, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
+                      RANK_PAD: tl.constexpr):
+    """Per lane, which value of a token to prefetch: its channel (u, z), one of dt's row (or its
+    channel's delta at rank 0) and one of B's or C's row, spread so one instruction covers a row."""
+    lane = tl.arange(0, BLOCK_E)
+    pf_e = tl.minimum(e, E - 1)
+    if DT_RANK > 0:
+        pf_d = tl.minimum(lane % RANK_PAD, DT_RANK - 1)
+    else:
+        pf_d = pf_e
+    return pf_e, pf_d, tl.minimum(lane % BLOCK_N, N - 1)
+
+
+@triton.jit
 def _next_token(t, L, MASKED: tl.constexpr):
     # The token whose inputs are read ahead. In a full chunk the read after its last token is
     # thrown away; clamping keeps that read inside the tensors.
@@ -496,8 +523,9 @@ def _next_token(t, L, MASKED: tl.constexpr):
 @triton.jit
 def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, pid_c,
                          L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1, cw2, cw3, cb, x3, x2, x1,
-                         T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, CONV: tl.constexpr):
+                         pf_e, pf_d, pf_n, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+                         CONV: tl.constexpr, PREFETCH: tl.constexpr):
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                          pid_b, pid_c * tiles * T, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD,
                                          ALIGNED, MASKED)
@@ -508,6 +536,11 @@ def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, 
             dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
                                                  s_Bn, s_Bl, pid_b, _next_token(t, L, MASKED), L, e, e_mask, n,
                                                  n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+            if PREFETCH > 0 and not MASKED:
+                tp = tl.minimum(t + PREFETCH, L - 1)
+                _prefetch(u_ptr + pid_b * s_ub + tp * s_ul + pf_e * s_ue)
+                _prefetch(delta_ptr + pid_b * s_db + tp * s_dl + pf_d * s_de)
+                _prefetch(B_ptr + pid_b * s_Bb + tp * s_Bl + pf_n * s_Bn)
             u, x3, x2, x1 = _conv_step(raw, x3, x2, x1, cw0, cw1, cw2, cw3, cb, CONV)
             delta = _lane_delta(dt, W, bias, (e_mask & (t < L)) if MASKED else e_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
@@ -521,8 +554,9 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
                              n_chunks, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, RANK_PAD: tl.constexpr,
-                             ALIGNED: tl.constexpr, CONV: tl.constexpr):
-    """Same contract as ``_fwd_chunk_summary``. Every chunk but the last runs without token masks."""
+                             ALIGNED: tl.constexpr, CONV: tl.constexpr, PREFETCH: tl.constexpr):
+    """Same contract as ``_fwd_chunk_summary``. Every chunk but the last runs without token masks.
+    PREFETCH > 0: each token also asks the L2 for the inputs of the token that many ahead."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -535,16 +569,17 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
     total = tl.zeros([BLOCK_E], dtype=tl.float32)
     cw0, cw1, cw2, cw3, cb, x3, x2, x1 = _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, pid_c * tiles * T,
                                                      e, e_mask, CONV)
+    pf_e, pf_d, pf_n = _prefetch_indices(e, E, N, BLOCK_E, BLOCK_N, DT_RANK, RANK_PAD)
     if (pid_c + 1) * tiles * T <= L:
         h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                         pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1,
-                                        cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED,
-                                        False, CONV)
+                                        cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
+                                        SOFTPLUS, ALIGNED, False, CONV, PREFETCH)
     else:
         h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                         pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1,
-                                        cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED,
-                                        True, CONV)
+                                        cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
+                                        SOFTPLUS, ALIGNED, True, CONV, PREFETCH)
     offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
     en_mask = e_mask[:, None] & n_mask[None, :]
     tl.store(P_ptr + offs, tl.exp2(total[:, None] * A2), mask=en_mask)
@@ -555,9 +590,10 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
 def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl,
                         s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b, pid_c, L, E, N,
                         n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D, h, cw0, cw1, cw2, cw3,
-                        cb, x3, x2, x1, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                        SAVE_STATES: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, CONV: tl.constexpr):
+                        cb, x3, x2, x1, pf_e, pf_d, pf_n, T: tl.constexpr, DT_RANK: tl.constexpr,
+                        RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+                        HAS_Z: tl.constexpr, SAVE_STATES: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+                        CONV: tl.constexpr, PREFETCH: tl.constexpr):
     # Without a gate, z_ptr is u's: the read-ahead of z stays valid and its value unused. y may be
     # written over z (the inference path does): z_t is read, one token ahead, before y_t is stored.
     t = pid_c * tiles * T
@@ -581,6 +617,13 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
             C_next = _row(C_ptr, pid_b * s_Cb, t_next, s_Cn, s_Cl, n, n_mask, t_next < L, ALIGNED, MASKED)
             z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t_next * s_zl,
                              mask=(e_mask & (t_next < L)) if MASKED else e_mask, other=0.0).to(tl.float32)
+            if PREFETCH > 0 and not MASKED:
+                tp = tl.minimum(t + PREFETCH, L - 1)
+                _prefetch(u_ptr + pid_b * s_ub + tp * s_ul + pf_e * s_ue)
+                _prefetch(z_ptr + pid_b * s_zb + tp * s_zl + pf_e * s_ze)
+                _prefetch(delta_ptr + pid_b * s_db + tp * s_dl + pf_d * s_de)
+                _prefetch(B_ptr + pid_b * s_Bb + tp * s_Bl + pf_n * s_Bn)
+                _prefetch(C_ptr + pid_b * s_Cb + tp * s_Cl + pf_n * s_Cn)
             u, x3, x2, x1 = _conv_step(raw, x3, x2, x1, cw0, cw1, cw2, cw3, cb, CONV)
             delta = _lane_delta(dt, W, bias, ev_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
@@ -602,8 +645,9 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
                             T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                             HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, RANK_PAD: tl.constexpr,
-                            ALIGNED: tl.constexpr, CONV: tl.constexpr):
-    """Same contract as ``_fwd_chunk_output``. Every chunk but the last runs without token masks."""
+                            ALIGNED: tl.constexpr, CONV: tl.constexpr, PREFETCH: tl.constexpr):
+    """Same contract as ``_fwd_chunk_output``. Every chunk but the last runs without token masks.
+    PREFETCH > 0: as in ``_fwd_chunk_summary_lanes``."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -624,18 +668,19 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
         h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     cw0, cw1, cw2, cw3, cb, x3, x2, x1 = _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, pid_c * tiles * T,
                                                      e, e_mask, CONV)
+    pf_e, pf_d, pf_n = _prefetch_indices(e, E, N, BLOCK_E, BLOCK_N, DT_RANK, RANK_PAD)
     if (pid_c + 1) * tiles * T <= L:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
                                 pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
-                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D,
-                                HAS_Z, SAVE_STATES, ALIGNED, False, CONV)
+                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
+                                SOFTPLUS, HAS_D, HAS_Z, SAVE_STATES, ALIGNED, False, CONV, PREFETCH)
     else:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
                                 pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
-                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D,
-                                HAS_Z, SAVE_STATES, ALIGNED, True, CONV)
+                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
+                                SOFTPLUS, HAS_D, HAS_Z, SAVE_STATES, ALIGNED, True, CONV, PREFETCH)
 
 
 @triton.jit
@@ -658,9 +703,9 @@ def _bwd_summary_load(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s
 @triton.jit
 def _bwd_summary_lanes_tiles(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl,
                              s_gb, s_ge, s_gl, pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, g, decay,
-                             T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ALIGNED: tl.constexpr,
-                             MASKED: tl.constexpr):
+                             pf_e, pf_d, pf_n, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+                             ALIGNED: tl.constexpr, MASKED: tl.constexpr, PREFETCH: tl.constexpr):
     # Each token's inputs are read one token ahead, as in the forward passes.
     dt_next, C_next, dy_next, z_next = _bwd_summary_load(
         delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, pid_b,
@@ -672,6 +717,13 @@ def _bwd_summary_lanes_tiles(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, 
             dt_next, C_next, dy_next, z_next = _bwd_summary_load(
                 delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
                 pid_b, _next_token(t, L, MASKED), L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_Z, ALIGNED, MASKED)
+            if PREFETCH > 0 and not MASKED:
+                tp = tl.minimum(t + PREFETCH, L - 1)
+                _prefetch(delta_ptr + pid_b * s_db + tp * s_dl + pf_d * s_de)
+                _prefetch(C_ptr + pid_b * s_Cb + tp * s_Cl + pf_n * s_Cn)
+                _prefetch(dy_ptr + pid_b * s_gb + tp * s_gl + pf_e * s_ge)
+                if HAS_Z:
+                    _prefetch(z_ptr + pid_b * s_zb + tp * s_zl + pf_e * s_ze)
             delta = _lane_delta(dt, W, bias, (e_mask & (t < L)) if MASKED else e_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
             if HAS_Z:
                 gy *= z * _sigmoid(z)
@@ -686,7 +738,7 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
                              n_chunks, tiles, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
                              T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-                             RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr):
+                             RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr, PREFETCH: tl.constexpr):
     """Same contract as ``_bwd_chunk_summary``; the decay from the chunk start is a running product.
     Every chunk but the last runs without token masks."""
     pid_c = tl.program_id(0)
@@ -699,16 +751,17 @@ def _bwd_chunk_summary_lanes(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy
     A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
     g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     decay = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32) + 1.0
+    pf_e, pf_d, pf_n = _prefetch_indices(e, E, N, BLOCK_E, BLOCK_N, DT_RANK, RANK_PAD)
     if (pid_c + 1) * tiles * T <= L:
         g, decay = _bwd_summary_lanes_tiles(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb,
                                             s_ze, s_zl, s_gb, s_ge, s_gl, pid_b, pid_c, L, tiles, e, e_mask, n, n_mask,
-                                            A2, W, bias, g, decay, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_Z,
-                                            ALIGNED, False)
+                                            A2, W, bias, g, decay, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
+                                            SOFTPLUS, HAS_Z, ALIGNED, False, PREFETCH)
     else:
         g, decay = _bwd_summary_lanes_tiles(delta_ptr, C_ptr, z_ptr, dy_ptr, s_db, s_de, s_dl, s_Cb, s_Cn, s_Cl, s_zb,
                                             s_ze, s_zl, s_gb, s_ge, s_gl, pid_b, pid_c, L, tiles, e, e_mask, n, n_mask,
-                                            A2, W, bias, g, decay, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_Z,
-                                            ALIGNED, True)
+                                            A2, W, bias, g, decay, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
+                                            SOFTPLUS, HAS_Z, ALIGNED, True, PREFETCH)
     offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
     en_mask = e_mask[:, None] & n_mask[None, :]
     tl.store(P_ptr + offs, decay, mask=en_mask)
@@ -867,13 +920,14 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                            HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr,
-                           WARP_SUMS: tl.constexpr, EMULATE: tl.constexpr):
+                           WARP_SUMS: tl.constexpr, EMULATE: tl.constexpr, PREFETCH: tl.constexpr):
     """Same contract as ``_bwd_chunk_grads``, lane per channel; with WARP_SUMS (one channel per
     lane, BLOCK_N = 16), dB and dC have one partial slice per warp instead of per program. Tokens go last to first, in runs of
     four (T is a multiple of 4): the states before the four tokens of a run are recomputed from the
     tile's saved start state and held in four register sets, so each token's backward step has the
     state it needs without a scratch buffer; a run deeper in the tile first re-steps from the tile
-    start to its own start."""
+    start to its own start. PREFETCH > 0: at each tile, the L2 is asked for the inputs and saved
+    state of the tile PREFETCH tokens earlier, which comes next."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -900,8 +954,21 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
         partial_base = ((pid_e * (BLOCK_E // 32) + tl.arange(0, BLOCK_E) // 32) * batch + pid_b) * L
     else:
         partial_base = (pid_e * batch + pid_b) * L
+    pf_e, pf_d, pf_n = _prefetch_indices(e, E, N, BLOCK_E, BLOCK_N, DT_RANK, RANK_PAD)
     for kk in range(tiles):
         tile = pid_c * tiles + (tiles - 1 - kk)
+        if PREFETCH > 0:
+            tile_pf = tl.minimum(tl.maximum(tile - PREFETCH // T, 0), n_tiles - 1)
+            _prefetch(states_ptr + (pid_b * n_tiles + tile_pf) * E * N + pf_n * E + pf_e)
+            for j in tl.static_range(T):
+                tp = tl.minimum(tile_pf * T + j, L - 1)
+                _prefetch(u_ptr + pid_b * s_ub + tp * s_ul + pf_e * s_ue)
+                _prefetch(delta_ptr + pid_b * s_db + tp * s_dl + pf_d * s_de)
+                _prefetch(B_ptr + pid_b * s_Bb + tp * s_Bl + pf_n * s_Bn)
+                _prefetch(C_ptr + pid_b * s_Cb + tp * s_Cl + pf_n * s_Cn)
+                _prefetch(dy_ptr + pid_b * s_gb + tp * s_gl + pf_e * s_ge)
+                if HAS_Z:
+                    _prefetch(z_ptr + pid_b * s_zb + tp * s_zl + pf_e * s_ze)
         h_start = tl.load(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, mask=en_mask & (tile < n_tiles),
                           other=0.0)
         for run in tl.static_range(T // 4):
