@@ -97,8 +97,8 @@ def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype
 def fused_case():
     import torch.nn.functional as F
 
-    from dvmsr_arch.ops.fused_triton import (causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
-                                             layer_norm_linear_tokens, layer_norm_tokens)
+    from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens,
+                                             causal_conv1d_silu_tokens, layer_norm_linear_tokens, layer_norm_tokens)
     result = {}
     # LayerNorm over 6 channels (BLOCK_C 8), rows not a multiple of the row block, strided input.
     x = torch.randn(2, 6, 37).transpose(1, 2).requires_grad_()
@@ -147,6 +147,15 @@ def fused_case():
     with poisoned_empty():
         result['conv_linear'] = max_rel(causal_conv1d_silu_linear_tokens(xz[..., :120], conv_w, conv_b, weight),
                                         F.linear(u, weight.double()))
+
+    # A convolution's output as tokens (channels-last, 70 pixels: a partial row block) += bias + a
+    # skip of other strides, in place.
+    y = torch.randn(2, 60, 7, 10).contiguous(memory_format=torch.channels_last).flatten(2).transpose(1, 2)
+    bias, skip = torch.randn(60), torch.randn(2, 70, 120)[..., ::2]
+    ref = y.double() + bias.double() + skip.double()
+    with poisoned_empty():
+        out = add_bias_skip_(y, bias, skip)
+    result['add_bias_skip'] = max_rel(y, ref) if out is y else float('inf')
     return result
 
 
@@ -311,6 +320,7 @@ def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
 @needs_triton
 def test_layer_norm_and_causal_conv_kernels(interpreted):
     result = interpreted['fused']
+    assert 'add_bias_skip' in result
     assert max(result.values()) < TOL, result
 
 

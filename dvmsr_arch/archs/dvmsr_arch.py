@@ -13,7 +13,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
-from dvmsr_arch.ops.fused_triton import (causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
+from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
                                         layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled)
 from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
@@ -27,6 +27,22 @@ def images_to_tokens(x: Tensor) -> Tensor:
 
 def tokens_to_images(tokens: Tensor, size: Tuple[int, int]) -> Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
+
+
+def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip: Tensor, fused: bool) -> Tensor:
+    """``conv`` applied to the tokens as an image, plus ``skip`` (tokens), as tokens.
+
+    ``fused`` (inference outside autocast): the convolution runs without its bias, and one Triton
+    pass adds bias and skip, where PyTorch would add a cuDNN convolution's bias in a pass of its own.
+    """
+    x = tokens_to_images(tokens, size)
+    recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    if not fused or recording or conv.bias is None or _autocast_enabled(x.device.type):
+        return images_to_tokens(conv(x)) + skip
+    y = images_to_tokens(conv._conv_forward(x, conv.weight, None))
+    if y.dtype != skip.dtype:
+        return y + conv.bias + skip
+    return add_bias_skip_(y, conv.bias, skip)
 
 
 def layer_norm(norm: nn.LayerNorm, tokens: Tensor, fused: bool) -> Tensor:
@@ -242,9 +258,8 @@ class RSSB(nn.Module):
         self.residual_group = ViMMGroup(blocks)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
 
-    def forward(self, tokens: Tensor, size: Tuple[int, int]) -> Tensor:
-        x = tokens_to_images(self.residual_group(tokens), size)
-        return images_to_tokens(self.conv(x)) + tokens
+    def forward(self, tokens: Tensor, size: Tuple[int, int], fused: bool = False) -> Tensor:
+        return conv_plus_skip(self.conv, self.residual_group(tokens), size, tokens, fused)
 
 
 class PatchEmbed(nn.Module):
@@ -373,10 +388,14 @@ class DVMSR(nn.Module):
         tokens = self.patch_embed(shallow, fused)
         rssb = []
         for layer in self.layers:
-            tokens = layer(tokens, size)
+            tokens = layer(tokens, size, fused)
             if keep_features:  # holding them costs an activation-sized buffer per RSSB
                 rssb.append(tokens)
-        body = self.conv_after_body(tokens_to_images(layer_norm(self.norm_f, tokens, fused), size)) + shallow
+        if fused:
+            body = tokens_to_images(conv_plus_skip(self.conv_after_body, layer_norm(self.norm_f, tokens, fused), size,
+                                                   images_to_tokens(shallow), fused), size)
+        else:
+            body = self.conv_after_body(tokens_to_images(layer_norm(self.norm_f, tokens, fused), size)) + shallow
         if _autocast_enabled(x.device.type):
             # The last convolutions set the output pixels directly: under autocast they stay in fp32.
             with torch.autocast(x.device.type, enabled=False):

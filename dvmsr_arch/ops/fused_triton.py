@@ -21,6 +21,7 @@ CONV_LINEAR_BLOCK_L = 128
 CONV_LINEAR_WARPS = 8
 CONV_BLOCK_L = 64
 CONV_BLOCK_E = 32
+ADD_BLOCK_ROWS = 64
 
 
 _low_memory = False
@@ -181,3 +182,20 @@ def causal_conv1d_silu_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _CausalConvSilu.apply(x, weight, bias)
     return _causal_conv_forward(x, weight, bias)
+
+
+def add_bias_skip_(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
+    """``y += bias + skip`` in one pass, for inference: y and skip (batch, L, C) token rows of any
+    strides (y typically a convolution's output seen as tokens), bias (C).
+
+    A convolution with its bias followed by a skip addition costs two passes over y (PyTorch adds a
+    cuDNN convolution's bias separately); this is one. Returns y.
+    """
+    batch, length, channels = y.shape
+    if skip.shape != y.shape or bias.shape != (channels,):
+        raise ValueError(f'add_bias_skip_: y {tuple(y.shape)}, bias {tuple(bias.shape)}, skip {tuple(skip.shape)}')
+    rows = batch * length
+    _kernels()._add_bias_skip[(_cdiv(rows, ADD_BLOCK_ROWS),)](y, bias, skip, rows, length, channels, *y.stride(),
+                                                             *skip.stride(), BLOCK_R=ADD_BLOCK_ROWS,
+                                                             BLOCK_C=_pow2(channels))
+    return y

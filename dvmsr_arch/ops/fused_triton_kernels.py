@@ -187,3 +187,15 @@ def _causal_conv_silu_linear_fwd(x_ptr, cw_ptr, cb_ptr, w_ptr, y_ptr, L, E, OUT,
     u = tl.where(e_mask[None, :], acc * tl.sigmoid(acc), 0.0)
     _store_times_weight(u, w_ptr, y_ptr, (pid_b * L + t).to(tl.int64)[:, None] * OUT, t < L, e, e_mask, E, OUT,
                         BLOCK_O, TF32)
+
+
+@triton.jit(do_not_specialize=['rows', 'L', 's_yb', 's_sb'])
+def _add_bias_skip(y_ptr, b_ptr, s_ptr, rows, L, C, s_yb, s_yl, s_yc, s_sb, s_sl, s_sc, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """y += bias + skip over token rows; y and skip (batch, L, C) of any strides."""
+    r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
+    y_offs = (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc
+    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    skip = tl.load(s_ptr + (rb * s_sb + rl * s_sl)[:, None] + c[None, :] * s_sc, mask=mask, other=0.0).to(tl.float32)
+    y += skip + tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
