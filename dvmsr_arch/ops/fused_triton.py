@@ -32,7 +32,7 @@ def low_memory_inference(enabled: bool = True) -> Iterator[None]:
     """Inside this context, DVMSR's Triton inference path stores less: conv1d's output is
     recomputed inside x_proj's kernel and inside the scan instead of being kept, and the scan writes
     its output over z. Measured on an H100 at LR 339x510 (docs/benchmarks.md): peak memory 380 MiB
-    instead of 460, time 7.54 ms instead of 7.17. Training and other backends are unaffected."""
+    instead of 460, time 7.34 ms instead of 6.97. Training and other backends are unaffected."""
     global _low_memory
     saved, _low_memory = _low_memory, enabled
     try:
