@@ -32,12 +32,13 @@ def tokens_to_images(tokens: Tensor, size: Tuple[int, int]) -> Tensor:
 def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip: Tensor, fused: bool) -> Tensor:
     """``conv`` applied to the tokens as an image, plus ``skip`` (tokens), as tokens.
 
-    ``fused`` (inference outside autocast): the convolution runs without its bias, and one Triton
-    pass adds bias and skip, where PyTorch would add a cuDNN convolution's bias in a pass of its own.
+    ``fused`` (inference): the convolution runs without its bias, and one Triton pass adds bias and
+    skip (in fp32, stored in the convolution's dtype), where PyTorch would add a cuDNN convolution's
+    bias in a pass of its own.
     """
     x = tokens_to_images(tokens, size)
     recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-    if not fused or recording or conv.bias is None or _autocast_enabled(x.device.type):
+    if not fused or recording or conv.bias is None:
         return images_to_tokens(conv(x)) + skip
     y = images_to_tokens(conv._conv_forward(x, conv.weight, None))
     if y.dtype != skip.dtype:
