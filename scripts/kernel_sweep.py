@@ -4,8 +4,8 @@
 
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
-SiLU + x_proj (separate, and fused over its block shapes), and the scan with u stored or the conv
-applied inside it. Each number is the median of 20 calls between two CUDA events after 5 warm-up
+SiLU (over its block shapes) + x_proj (separate, and fused over its block shapes), a convolution's
+bias and skip added in one pass, and the scan with u stored or the conv applied inside it. Each number is the median of 20 calls between two CUDA events after 5 warm-up
 calls, so it includes the launch: compare the numbers with each other, and use
 ``benchmark.py profile`` for kernel times inside the network. The chosen shapes are the module
 constants of ``dvmsr_arch/ops/fused_triton.py``.
@@ -82,10 +82,19 @@ def main() -> int:
     results['conv1d + x_proj, separate'] = median_us(
         lambda: F.linear(fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b), w_x))
     results['conv1d alone'] = median_us(lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
+    results['conv1d'] = sweep(
+        {'CONV_BLOCK_L': 'tokens ', 'CONV_BLOCK_E': 'channels '},
+        itertools.product((32, 64, 128, 256), (32, 64, 128)),
+        lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
     results['conv1d_linear'] = sweep(
         {'CONV_LINEAR_BLOCK_L': 'tokens ', 'CONV_LINEAR_WARPS': 'warps '},
         itertools.product((16, 32, 64, 128), (2, 4, 8)),
         lambda: fused_triton.causal_conv1d_silu_linear_tokens(xz[..., :E], conv_w, conv_b, w_x))
+
+    conv_out, skip, conv_bias = (torch.randn(1, LENGTH, C, device=dev), torch.randn(1, LENGTH, C, device=dev),
+                                 torch.randn(C, device=dev))
+    results['conv bias + skip'] = sweep({'ADD_BLOCK_ROWS': 'rows '}, ((16,), (32,), (64,), (128,), (256,)),
+                                        lambda: fused_triton.add_bias_skip_(conv_out, conv_bias, skip))
 
     rows = torch.randn(1, LENGTH, R + 2 * N, device=dev) * 0.5
     dt, B, C_rows = (t.transpose(1, 2) for t in rows.split([R, N, N], -1))
