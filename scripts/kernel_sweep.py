@@ -5,8 +5,9 @@
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
 SiLU (over its block shapes) + x_proj (separate, and fused over its block shapes), a convolution's
-bias and skip added in one pass, and the scan with u stored or the conv applied inside it. Each number is the median of 20 calls between two CUDA events after 5 warm-up
-calls, so it includes the launch: compare the numbers with each other, and use
+bias and skip added in one pass, and the scan with u stored or the conv applied inside it. Each
+number is the median of 20 calls between two CUDA events after 5 warm-up calls, so it includes the
+launch: compare the numbers with each other, and use
 ``benchmark.py profile`` for kernel times inside the network. The chosen shapes are the module
 constants of ``dvmsr_arch/ops/fused_triton.py``.
 """

@@ -392,11 +392,8 @@ class DVMSR(nn.Module):
             tokens = layer(tokens, size, fused)
             if keep_features:  # holding them costs an activation-sized buffer per RSSB
                 rssb.append(tokens)
-        if fused:
-            body = tokens_to_images(conv_plus_skip(self.conv_after_body, layer_norm(self.norm_f, tokens, fused), size,
-                                                   images_to_tokens(shallow), fused), size)
-        else:
-            body = self.conv_after_body(tokens_to_images(layer_norm(self.norm_f, tokens, fused), size)) + shallow
+        body = tokens_to_images(conv_plus_skip(self.conv_after_body, layer_norm(self.norm_f, tokens, fused), size,
+                                               images_to_tokens(shallow), fused), size)
         if _autocast_enabled(x.device.type):
             # The last convolutions set the output pixels directly: under autocast they stay in fp32.
             with torch.autocast(x.device.type, enabled=False):

@@ -47,7 +47,6 @@ CARRY_BLOCK_CHUNKS = 256
 CARRY_BLOCK_STATES = 16
 
 
-
 def set_configs(forward: Optional[ScanConfig] = None, backward: Optional[ScanConfig] = None) -> None:
     """Replace the kernel shapes (the benchmark compares several)."""
     global FORWARD_CONFIG, BACKWARD_CONFIG
