@@ -127,10 +127,8 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     shapes = dict(T=cfg.tile, BLOCK_E=cfg.block_e, BLOCK_N=_pow2(state), DT_RANK=rank, HAS_BIAS=delta_bias is not None,
                   SOFTPLUS=softplus, num_warps=cfg.num_warps)
     if cfg.sequential:
-        shapes['RANK_PAD'] = _pow2(max(rank, 1))
-    if cfg.sequential:
-        shapes.update(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state), CONV=conv is not None,
-                      PREFETCH=cfg.prefetch)
+        shapes.update(RANK_PAD=_pow2(max(rank, 1)), ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state),
+                      CONV=conv is not None, PREFETCH=cfg.prefetch)
     elif conv is not None:
         raise ValueError('the scan applies a conv only with lane-per-channel forward kernels')
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -187,7 +185,7 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     bias = delta_bias if delta_bias is not None else any_t
     z_or_u = z if z is not None else u
 
-    # The lane-per-channel kernels read dt/B/C rows with 128-bit loads where they allow it.
+    # The lane-per-channel kernels read dt/B/C rows with vector loads where they allow it, and prefetch.
     lane_extra = dict(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state),
                       PREFETCH=cfg.prefetch) if cfg.sequential else {}
     carry = any_t
@@ -207,8 +205,7 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     # One channel per lane and 16 states: each warp sums dB and dC over its own channels with
     # warp shuffles and writes its own partial slice.
     warp_sums = cfg.sequential and _pow2(state) == 16 and cfg.block_e == 32 * cfg.num_warps
-    grads_extra = dict(lane_extra, WARP_SUMS=warp_sums, EMULATE=os.environ.get('TRITON_INTERPRET') == '1') \
-        if cfg.sequential else {}
+    grads_extra = dict(lane_extra, WARP_SUMS=warp_sums) if cfg.sequential else {}
     dB_part, dC_part = (torch.empty(n_eblk * (cfg.num_warps if warp_sums else 1), batch, length, state, **f32)
                         for _ in range(2))
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)

@@ -789,10 +789,10 @@ def _bwd_lane_state(h, t, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de,
 
 
 @triton.jit
-def _butterfly(x, lane, MASK: tl.constexpr, EMULATE: tl.constexpr):
-    """Each lane's ``x`` as lane ^ MASK holds it: one warp shuffle per register. EMULATE does the
-    same with a gather along the channel axis (Triton's interpreter runs no inline PTX)."""
-    if EMULATE:
+def _butterfly(x, lane, MASK: tl.constexpr):
+    """Each lane's ``x`` as lane ^ MASK holds it: one warp shuffle per register. Under the
+    interpreter, the same with a gather along the channel axis."""
+    if INTERPRETED:
         return tl.gather(x, tl.broadcast_to((lane ^ MASK)[:, None], x.shape), 0)
     else:
         if MASK == 16:
@@ -809,13 +809,13 @@ def _butterfly(x, lane, MASK: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _fold(a, b, ia, ib, lane, MASK: tl.constexpr, EMULATE: tl.constexpr):
+def _fold(a, b, ia, ib, lane, MASK: tl.constexpr):
     """One step of a reduce-scatter over the lanes: of the value pairs (a, b), a lane keeps one half
     and sends the other to lane ^ MASK, which keeps the opposite half; ``ia``/``ib`` track which
     output each kept value is part of."""
     upper = ((lane & MASK) != 0)[:, None]
     keep = tl.where(upper, b, a)
-    return keep + _butterfly(tl.where(upper, a, b), lane, MASK, EMULATE), tl.where(upper, ib, ia)
+    return keep + _butterfly(tl.where(upper, a, b), lane, MASK), tl.where(upper, ib, ia)
 
 
 @triton.jit
@@ -825,25 +825,26 @@ def _halves(x, BLOCK_E: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _lane_sums(a, b, lane, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
+def _fold_halves(v, idx, lane, BLOCK_E: tl.constexpr, WIDTH: tl.constexpr):
+    """The next reduce-scatter step after a ``_fold`` across lane ^ WIDTH: the WIDTH values each
+    lane kept split into halves, folded across lane ^ (WIDTH // 2)."""
+    va, vb = _halves(v, BLOCK_E, WIDTH)
+    ia, ib = _halves(idx, BLOCK_E, WIDTH)
+    return _fold(va, vb, ia, ib, lane, WIDTH // 2)
+
+
+@triton.jit
+def _lane_sums(a, b, lane, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     """The sums over the 32 channels of a warp of a (BLOCK_E, 16) and b (BLOCK_E, 16), as a
     reduce-scatter: 31 shuffles instead of the 160 of two butterfly reductions. Each lane ends with
     one of the 32 sums; returns it and its index (n for a's sums, BLOCK_N + n for b's)."""
     n = tl.arange(0, BLOCK_N)
     ia = tl.broadcast_to(n[None, :], [BLOCK_E, BLOCK_N])
-    v, idx = _fold(a, b, ia, ia + BLOCK_N, lane, 16, EMULATE)
-    va, vb = _halves(v, BLOCK_E, 16)
-    ia, ib = _halves(idx, BLOCK_E, 16)
-    v, idx = _fold(va, vb, ia, ib, lane, 8, EMULATE)
-    va, vb = _halves(v, BLOCK_E, 8)
-    ia, ib = _halves(idx, BLOCK_E, 8)
-    v, idx = _fold(va, vb, ia, ib, lane, 4, EMULATE)
-    va, vb = _halves(v, BLOCK_E, 4)
-    ia, ib = _halves(idx, BLOCK_E, 4)
-    v, idx = _fold(va, vb, ia, ib, lane, 2, EMULATE)
-    va, vb = _halves(v, BLOCK_E, 2)
-    ia, ib = _halves(idx, BLOCK_E, 2)
-    v, idx = _fold(va, vb, ia, ib, lane, 1, EMULATE)
+    v, idx = _fold(a, b, ia, ia + BLOCK_N, lane, 16)
+    v, idx = _fold_halves(v, idx, lane, BLOCK_E, 16)
+    v, idx = _fold_halves(v, idx, lane, BLOCK_E, 8)
+    v, idx = _fold_halves(v, idx, lane, BLOCK_E, 4)
+    v, idx = _fold_halves(v, idx, lane, BLOCK_E, 2)
     return tl.reshape(v, [BLOCK_E]), tl.reshape(idx, [BLOCK_E])
 
 
@@ -853,8 +854,7 @@ def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, 
                     s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N,
                     e, e_mask, n, n_mask, lane, A2, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                    ALIGNED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SUMS: tl.constexpr,
-                    EMULATE: tl.constexpr):
+                    ALIGNED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SUMS: tl.constexpr):
     """Every gradient of token ``t`` from the state before it (``h_prev``) and the adjoint handed
     back by token t + 1 (``mu`` = a_{t+1} lambda_{t+1}); returns the adjoint for token t - 1.
 
@@ -898,7 +898,7 @@ def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, 
     dbias_acc += ddelta
     dA_acc += lam_decayed * delta[:, None]
     if WARP_SUMS:
-        sums, which = _lane_sums(lam * (delta * u)[:, None], h * gy[:, None], lane, BLOCK_E, BLOCK_N, EMULATE)
+        sums, which = _lane_sums(lam * (delta * u)[:, None], h * gy[:, None], lane, BLOCK_E, BLOCK_N)
         of_C = which >= BLOCK_N
         which_n = tl.where(of_C, which - BLOCK_N, which)
         offs = (partial_base + t) * N + which_n
@@ -920,14 +920,14 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                            HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr,
-                           WARP_SUMS: tl.constexpr, EMULATE: tl.constexpr, PREFETCH: tl.constexpr):
+                           WARP_SUMS: tl.constexpr, PREFETCH: tl.constexpr):
     """Same contract as ``_bwd_chunk_grads``, lane per channel; with WARP_SUMS (one channel per
-    lane, BLOCK_N = 16), dB and dC have one partial slice per warp instead of per program. Tokens go last to first, in runs of
-    four (T is a multiple of 4): the states before the four tokens of a run are recomputed from the
-    tile's saved start state and held in four register sets, so each token's backward step has the
-    state it needs without a scratch buffer; a run deeper in the tile first re-steps from the tile
-    start to its own start. PREFETCH > 0: at each tile, the L2 is asked for the inputs and saved
-    state of the tile PREFETCH tokens earlier, which comes next."""
+    lane, BLOCK_N = 16), dB and dC have one partial slice per warp instead of per program. Tokens go
+    last to first, in runs of four (T is a multiple of 4): the states before the four tokens of a
+    run are recomputed from the tile's saved start state and held in four register sets, so each
+    token's backward step has the state it needs without a scratch buffer; a run deeper in the tile
+    first re-steps from the tile start to its own start. PREFETCH > 0: at each tile, the L2 is asked
+    for the inputs and saved state of the tile PREFETCH tokens earlier, which comes next."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -1002,7 +1002,7 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                     s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N, e,
                     e_mask, n, n_mask, lane, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ALIGNED,
-                    BLOCK_E, BLOCK_N, WARP_SUMS, EMULATE)
+                    BLOCK_E, BLOCK_N, WARP_SUMS)
     prog = pid_b * n_chunks + pid_c
     tl.store(dA_ptr + prog * E * N + ne_offs, dA_acc, mask=en_mask)
     tl.store(dD_ptr + prog * E + e, dD_acc, mask=e_mask)
