@@ -3,8 +3,7 @@
     python scripts/kernel_sweep.py --out results/kernel_sweep.json
 
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
-rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), LayerNorm +
-in_proj + conv1d + SiLU as one kernel (over its block shapes), conv1d +
+rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
 SiLU (over its block shapes) + x_proj (separate, and fused over its block shapes), a convolution's
 bias and skip added in one pass, and the scan with u stored or the conv applied inside it. Each
 number is the median of 20 calls between two CUDA events after 5 warm-up calls, so it includes the
@@ -78,16 +77,8 @@ def main() -> int:
         itertools.product((32, 64, 128), (64, 128, 256), (4, 8)),
         lambda: fused_triton.layer_norm_linear_tokens(tokens, norm_w, norm_b, 1e-5, w_in))
 
-    conv_w, conv_b = torch.randn(E, 1, 4, device=dev) * 0.3, torch.randn(E, device=dev)
-    results['layer_norm + in_proj, then conv1d'] = median_us(
-        lambda: fused_triton.causal_conv1d_silu_tokens(
-            fused_triton.layer_norm_linear_tokens(tokens, norm_w, norm_b, 1e-5, w_in)[..., :E], conv_w, conv_b))
-    results['layer_norm_in_proj_conv'] = sweep(
-        {'IN_PROJ_CONV_BLOCK_ROWS': 'rows ', 'IN_PROJ_CONV_BLOCK_OUT': 'out ', 'IN_PROJ_CONV_WARPS': 'warps '},
-        itertools.product((32, 64, 128), (32, 64, 128), (4, 8)),
-        lambda: fused_triton.layer_norm_in_proj_conv_tokens(tokens, norm_w, norm_b, 1e-5, w_in, conv_w, conv_b))
-
     xz = torch.randn(1, LENGTH, 2 * E, device=dev)
+    conv_w, conv_b = torch.randn(E, 1, 4, device=dev) * 0.3, torch.randn(E, device=dev)
     w_x = torch.randn(R + 2 * N, E, device=dev) * 0.1
     results['conv1d + x_proj, separate'] = median_us(
         lambda: F.linear(fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b), w_x))

@@ -98,8 +98,7 @@ def fused_case():
     import torch.nn.functional as F
 
     from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens,
-                                             causal_conv1d_silu_tokens, layer_norm_in_proj_conv_tokens,
-                                             layer_norm_linear_tokens, layer_norm_tokens)
+                                             causal_conv1d_silu_tokens, layer_norm_linear_tokens, layer_norm_tokens)
     result = {}
     # LayerNorm over 6 channels (BLOCK_C 8), rows not a multiple of the row block, strided input.
     x = torch.randn(2, 6, 37).transpose(1, 2).requires_grad_()
@@ -137,24 +136,6 @@ def fused_case():
         ref = F.linear(F.layer_norm(x.double(), (channels,), norm_w.double(), norm_b.double(), 1e-5), weight.double())
         with poisoned_empty():
             result[name] = max_rel(layer_norm_linear_tokens(x, norm_w, norm_b, 1e-5, weight), ref)
-
-    # LayerNorm, in_proj and conv1d + SiLU in one kernel (inference), true fp32: the released widths
-    # (60 -> 2 x 120, 4 taps) over two sequences of 150 tokens (the taps must not reach across the
-    # sequence start, and the last row block is partial), and a narrow one (6 -> 2 x 12, 3 taps,
-    # no conv bias) from strided input, shorter than a row block.
-    for name, channels, inner, taps, x, has_bias in (('ln_in_proj_conv_60', 60, 120, 4, torch.randn(2, 150, 60), True),
-                                                     ('ln_in_proj_conv_6', 6, 12, 3,
-                                                      torch.randn(1, 6, 37).transpose(1, 2), False)):
-        norm_w, norm_b = torch.randn(channels), torch.randn(channels)
-        in_w = torch.randn(2 * inner, channels) * channels**-0.5
-        conv_w = torch.randn(inner, 1, taps) * 0.5
-        conv_b = torch.randn(inner) if has_bias else None
-        xz = F.linear(F.layer_norm(x.double(), (channels,), norm_w.double(), norm_b.double(), 1e-5), in_w.double())
-        u = F.silu(F.conv1d(F.pad(xz[..., :inner].transpose(1, 2), (taps - 1, 0)), conv_w.double(),
-                            conv_b.double() if has_bias else None, groups=inner)).transpose(1, 2)
-        with poisoned_empty():
-            uz = layer_norm_in_proj_conv_tokens(x, norm_w, norm_b, 1e-5, in_w, conv_w, conv_b)
-        result[name] = max_rel(uz, torch.cat([u, xz[..., inner:]], -1))
 
     # conv1d + SiLU then x_proj in one kernel (inference): the x half of a (B, L, 2E) tensor, E=120
     # (the released width) and 170 tokens (a partial last token block), 120 -> 36 rows.

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
 from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
-                                        layer_norm_in_proj_conv_tokens, layer_norm_linear_tokens, layer_norm_tokens,
-                                        low_memory_enabled)
+                                        layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled)
 from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -122,9 +121,8 @@ class MambaMixer(nn.Module):
     def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
         """The same computation, token-major throughout: no transposes, no delta tensor.
 
-        Triton kernels for LayerNorm, conv1d + SiLU and the scan (which expands dt_proj itself); for
-        inference LayerNorm, in_proj and conv1d + SiLU are one kernel. The other projections are
-        single matmuls over (B*L, C) rows.
+        Triton kernels for LayerNorm (inside in_proj's kernel for inference), conv1d + SiLU and the
+        scan (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
         """
         no_grad = not torch.is_grad_enabled()
         # Under autocast, inference keeps the fused kernels and stores their activations in the
@@ -133,25 +131,20 @@ class MambaMixer(nn.Module):
         if no_grad and half_dtype is None and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
             return self._infer_triton_low_memory(tokens, norm)
         inner = self.in_proj.out_features // 2
-        if no_grad and norm is not None:
-            # LayerNorm, in_proj and conv1d + SiLU in one kernel: in_proj's x half is never stored.
-            uz = layer_norm_in_proj_conv_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight,
-                                                self.conv1d.weight, self.conv1d.bias, out_dtype=half_dtype)
-            x, z = uz[..., :inner], uz[..., inner:]
+        if no_grad:
+            xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
+            x_raw, z = xz[..., :inner], xz[..., inner:]
         else:
-            if no_grad:
-                x_raw, z = self.in_proj(tokens).split(inner, dim=-1)
-            else:
-                # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
-                # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
-                if norm is not None:
-                    tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
-                x_raw, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.split(inner))
-            x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
+            # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
+            # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
+            if norm is not None:
+                tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
+            x_raw, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.split(inner))
+        x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
         dt, B, C = self._x_proj_rows(x)
-        # Without autograd the scan writes y over z, one (B, L, E) buffer less at the peak: each lane
-        # reads z_t before it stores y_t.
-        out = z.transpose(1, 2) if no_grad else None
+        # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
+        # (B, L, E) buffer less at the peak.
+        out = x_raw.transpose(1, 2) if no_grad else None
         y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
                                           -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                                           self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),

@@ -17,9 +17,6 @@ LN_BLOCK_ROWS = 32
 LN_LINEAR_BLOCK_ROWS = 128
 LN_LINEAR_BLOCK_OUT = 64
 LN_LINEAR_WARPS = 8
-IN_PROJ_CONV_BLOCK_ROWS = 64
-IN_PROJ_CONV_BLOCK_OUT = 32
-IN_PROJ_CONV_WARPS = 4
 CONV_LINEAR_BLOCK_L = 128
 CONV_LINEAR_WARPS = 8
 CONV_BLOCK_L = 64
@@ -110,39 +107,6 @@ def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, 
         x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, out_features, *x.stride(), eps,
         BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)), BLOCK_O=LN_LINEAR_BLOCK_OUT,
         TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=LN_LINEAR_WARPS)
-    return y
-
-
-def layer_norm_in_proj_conv_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, in_weight: Tensor,
-                                   conv_weight: Tensor, conv_bias: Optional[Tensor],
-                                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """For inference, a Mamba mixer's front in one kernel: ``[u, z]`` as a (batch, L, 2E) tensor with
-    ``x, z = in_proj(LayerNorm(x))`` and ``u = silu(causal depthwise conv1d(x))``.
-
-    in_proj's x half is never stored: the conv runs on the projected rows while they are still in
-    the kernel, so one kernel replaces LayerNorm + in_proj and conv1d + SiLU, and the (batch, L, E)
-    conv input is neither written nor read back.
-
-    x (batch, L, C) any strides with C <= 128; in_weight (2E, C); conv_weight (E, 1, K). TF32 when
-    ``torch.backends.cuda.matmul.allow_tf32`` allows it, as ``F.linear`` would. The output has
-    ``out_dtype`` (default: x's dtype).
-    """
-    batch, length, channels = x.shape
-    inner, _, taps = conv_weight.shape
-    if in_weight.shape != (2 * inner, channels) or IN_PROJ_CONV_BLOCK_ROWS < 2 * taps:
-        raise ValueError(f'layer_norm_in_proj_conv_tokens: x {tuple(x.shape)}, in_weight {tuple(in_weight.shape)}, '
-                         f'conv_weight {tuple(conv_weight.shape)}, {IN_PROJ_CONV_BLOCK_ROWS} rows per program')
-    rows = batch * length
-    y = torch.empty(batch, length, 2 * inner, device=x.device, dtype=out_dtype or x.dtype)
-    # Each program writes all its rows but the conv's look-back of taps - 1.
-    programs = _cdiv(rows, IN_PROJ_CONV_BLOCK_ROWS - taps + 1)
-    _kernels()._layer_norm_in_proj_conv_fwd[(programs,)](
-        x, norm_weight, norm_bias, in_weight.contiguous(), conv_weight.contiguous(),
-        conv_bias if conv_bias is not None else norm_bias, y, rows, length, channels, inner, *x.stride(), eps, K=taps,
-        BLOCK_R=IN_PROJ_CONV_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)),
-        BLOCK_O=max(16, min(IN_PROJ_CONV_BLOCK_OUT, _pow2(inner))), HAS_BIAS=conv_bias is not None,
-        TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=IN_PROJ_CONV_WARPS,
-        num_stages=1)  # pipelining the few output blocks would cost registers and shared memory for nothing
     return y
 
 

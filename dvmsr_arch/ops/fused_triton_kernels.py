@@ -169,52 +169,6 @@ def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, OUT,
     _store_times_weight(xn, w_ptr, y_ptr, r.to(tl.int64)[:, None] * OUT, r_mask, c, c_mask, C, OUT, BLOCK_O, TF32)
 
 
-@triton.jit(do_not_specialize=['rows', 'L', 's_xb'])
-def _layer_norm_in_proj_conv_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, cw_ptr, cb_ptr, y_ptr, rows, L, C, E, s_xb, s_xl, s_xc,
-                                 eps, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                                 BLOCK_O: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr):
-    """The front of a Mamba mixer for a block of token rows, with in_proj's x half never stored:
-    y[:, :E] = silu(causal depthwise conv(x_half)) and y[:, E:] = z, where [x_half, z] =
-    LayerNorm(x) @ W^T.
-
-    Each program normalises and projects BLOCK_R rows, of which the first K - 1 are the conv's
-    look-back into the previous program's rows (a source row in another sequence counts as 0, as the
-    conv pads), so it writes BLOCK_R - K + 1 rows. The conv's shifted taps are gathers along the rows
-    of the projected block. x (batch, L, C) any strides; W (2E, C), conv weight (E, K) contiguous;
-    y (rows, 2E) contiguous.
-    """
-    i = tl.arange(0, BLOCK_R)
-    r = tl.program_id(0) * (BLOCK_R - K + 1) - (K - 1) + i
-    c = tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    r_mask = (r >= 0) & (r < rows)
-    mask = r_mask[:, None] & c_mask[None, :]
-    r_safe = tl.maximum(r, 0)
-    rb, rl = (r_safe // L).to(tl.int64), r_safe % L
-    xn, _, _ = _normalised_rows(x_ptr, nw_ptr, nb_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
-    xn = tl.where(mask, xn, 0.0)  # padded columns and rows must add nothing to the matmuls
-    out_rows = r_safe.to(tl.int64)[:, None] * (2 * E)
-    out_mask = r_mask & (i >= K - 1)
-    _store_times_weight(xn, w_ptr + E * C, y_ptr + E, out_rows, out_mask, c, c_mask, C, E, BLOCK_O, TF32)
-    for o0 in range(0, E, BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
-        o_mask = o < E
-        wt = tl.load(w_ptr + o[None, :] * C + c[:, None], mask=c_mask[:, None] & o_mask[None, :], other=0.0)
-        if TF32:
-            xo = tl.dot(xn, wt.to(tl.float32), input_precision='tf32')
-        else:
-            xo = tl.dot(xn, wt.to(tl.float32), input_precision='ieee')
-        acc = xo * tl.load(cw_ptr + o * K + (K - 1), mask=o_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(cb_ptr + o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-        for j in tl.static_range(1, K):
-            src = tl.broadcast_to(tl.maximum(i - j, 0)[:, None], [BLOCK_R, BLOCK_O])
-            tap = tl.where((rl >= j)[:, None], tl.gather(xo, src, 0), 0.0)
-            acc += tap * tl.load(cw_ptr + o * K + (K - 1 - j), mask=o_mask, other=0.0).to(tl.float32)[None, :]
-        u = acc * _sigmoid(acc)
-        tl.store(y_ptr + out_rows + o[None, :], u.to(y_ptr.dtype.element_ty), mask=out_mask[:, None] & o_mask[None, :])
-
-
 @triton.jit(do_not_specialize=['L', 's_xb'])
 def _causal_conv_silu_linear_fwd(x_ptr, cw_ptr, cb_ptr, w_ptr, y_ptr, L, E, OUT, s_xb, s_xl, s_xe, K: tl.constexpr,
                                  BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
