@@ -204,8 +204,19 @@ def model_case():
     result['forward'] = max_rel(y.detach(), ref.detach())
     result['grads'] = {name: max_rel(p.grad, q.grad)
                        for (name, p), q in zip(fused.named_parameters(), reference.parameters())}
-    with torch.no_grad():  # the inference path: the scan writes into the in_proj buffer
+    # The inference path: the scan writes into the in_proj buffer, and each convolution reads token
+    # rows padded to 8 channels (recorded here).
+    import dvmsr_arch.archs.dvmsr_arch as arch
+    conv_on_padded, conv_inputs = arch.conv_on_padded, []
+
+    def recording(conv, image, *rest):
+        conv_inputs.append(image.shape[1])
+        return conv_on_padded(conv, image, *rest)
+    arch.conv_on_padded = recording
+    with torch.no_grad():
         result['no_grad_forward'] = max_rel(fused(x), ref.detach())
+    arch.conv_on_padded = conv_on_padded
+    result['no_grad_conv_input_channels'] = conv_inputs
     from dvmsr_arch.ops import low_memory_inference
     with torch.no_grad(), low_memory_inference():  # conv1d inside x_proj's kernel and the scan
         result['low_memory_forward'] = max_rel(fused(x), ref.detach())
@@ -331,6 +342,8 @@ def test_network_on_triton_path_matches_ref_network(interpreted):
     assert result['triton_unavailable_reason'] is None
     assert result['auto_on_cpu'] == 'torch'
     assert result['forward'] < TOL and result['no_grad_forward'] < TOL and result['low_memory_forward'] < TOL
+    # The RSSB's convolution, conv_after_body and the upsampler's, all from 6 channels padded to 8.
+    assert result['no_grad_conv_input_channels'] == [8, 8, 8]
     assert max(result['grads'].values()) < 1e-4, result['grads']
 
 

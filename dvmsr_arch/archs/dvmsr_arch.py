@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
 from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
@@ -29,27 +30,72 @@ def tokens_to_images(tokens: Tensor, size: Tuple[int, int]) -> Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
 
 
-def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip: Tensor, fused: bool) -> Tensor:
+# cuDNN's NHWC convolutions read an input of a multiple of 8 channels in place; an input of 60 is
+# first copied into a padded layout, for a slower kernel (H100, LR 339x510, 60 -> 60 channels: 143 us
+# against 70 us from 64 channels, docs/performance.md). So the fused inference path hands each
+# convolution token rows padded with zero columns to this multiple, and pads the weights to match.
+CONV_CHANNEL_MULTIPLE = 8
+
+_padded_weights = WeakTensorKeyDictionary()
+
+
+def conv_input_width(channels: int, fused: bool) -> Optional[int]:
+    """How wide the fused inference path makes the token rows a convolution reads (None: as they are)."""
+    if not fused or torch.is_grad_enabled():
+        return None
+    return -(-channels // CONV_CHANNEL_MULTIPLE) * CONV_CHANNEL_MULTIPLE
+
+
+def zero_padded(weight: Tensor, shape: Sequence[int]) -> Tensor:
+    """``weight`` with zeros appended along each axis up to ``shape`` (``weight`` itself when it has
+    that shape), channels-last for a convolution's. Kept until the weight changes (a parameter's
+    version counter moves with every in-place update), so inference does not rebuild it each call."""
+    shape = tuple(shape)
+    if tuple(weight.shape) == shape:
+        return weight
+    key = (weight.data_ptr(), weight._version, weight.dtype, shape)
+    cached = _padded_weights.get(weight)
+    if cached is None or cached[0] != key:
+        layout = torch.channels_last if weight.dim() == 4 else torch.contiguous_format
+        padded = torch.zeros(shape, dtype=weight.dtype, device=weight.device).contiguous(memory_format=layout)
+        with torch.no_grad():
+            padded[tuple(slice(0, n) for n in weight.shape)] = weight
+        cached = _padded_weights[weight] = (key, padded)
+    return cached[1]
+
+
+def conv_on_padded(conv: nn.Conv2d, x: Tensor, bias: Optional[Tensor], out_channels: Optional[int] = None) -> Tensor:
+    """``conv`` (with ``bias``) of an image whose channels after ``conv.in_channels``, if any, are zero;
+    ``out_channels`` > conv.out_channels appends zero output channels."""
+    out_channels = out_channels or conv.out_channels
+    return conv._conv_forward(x, zero_padded(conv.weight, (out_channels, x.shape[1], *conv.kernel_size)), bias)
+
+
+def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip: Tensor, fused: bool,
+                   out_width: Optional[int] = None) -> Tensor:
     """``conv`` applied to the tokens as an image, plus ``skip`` (tokens), as tokens.
 
     ``fused`` (inference): the convolution runs without its bias, and one Triton pass adds bias and
     skip (in fp32, stored in the convolution's dtype), where PyTorch would add a cuDNN convolution's
-    bias in a pass of its own.
+    bias in a pass of its own. There ``tokens`` may carry zero columns after the conv's input
+    channels, and ``out_width`` asks for the result padded likewise (see ``CONV_CHANNEL_MULTIPLE``).
     """
     x = tokens_to_images(tokens, size)
     recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if not fused or recording or conv.bias is None:
-        return images_to_tokens(conv(x)) + skip
-    y = images_to_tokens(conv._conv_forward(x, conv.weight, None))
+        return images_to_tokens(conv(x[:, :conv.in_channels])) + skip
+    y = images_to_tokens(conv_on_padded(conv, x, None, out_width))
     if y.dtype != skip.dtype:
-        return y + conv.bias + skip
-    return add_bias_skip_(y, conv.bias, skip)
+        return y[..., :conv.out_channels] + conv.bias + skip
+    add_bias_skip_(y[..., :conv.out_channels], conv.bias, skip)
+    return y
 
 
-def layer_norm(norm: nn.LayerNorm, tokens: Tensor, fused: bool) -> Tensor:
-    """``norm(tokens)``; ``fused`` runs it as a Triton kernel (PyTorch's is slow on 60-wide rows)."""
+def layer_norm(norm: nn.LayerNorm, tokens: Tensor, fused: bool, width: Optional[int] = None) -> Tensor:
+    """``norm(tokens)``; ``fused`` runs it as a Triton kernel (PyTorch's is slow on 60-wide rows),
+    whose output rows ``width`` pads with zero columns (inference)."""
     if fused:
-        return layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
+        return layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps, width)
     return norm(tokens)
 
 
@@ -118,7 +164,7 @@ class MambaMixer(nn.Module):
     def uses_triton(self, device: torch.device) -> bool:
         return resolve_backend(self.scan_backend, device) == 'triton'
 
-    def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
+    def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], out_width: Optional[int]) -> Tensor:
         """The same computation, token-major throughout: no transposes, no delta tensor.
 
         Triton kernels for LayerNorm (inside in_proj's kernel for inference), conv1d + SiLU and the
@@ -129,7 +175,7 @@ class MambaMixer(nn.Module):
         # autocast dtype (the scan state stays fp32).
         half_dtype = _autocast_dtype(tokens.device.type) if no_grad else None
         if no_grad and half_dtype is None and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
-            return self._infer_triton_low_memory(tokens, norm)
+            return self._infer_triton_low_memory(tokens, norm, out_width)
         inner = self.in_proj.out_features // 2
         if no_grad:
             xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
@@ -149,7 +195,13 @@ class MambaMixer(nn.Module):
                                           -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                                           self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
                                           delta_softplus=True, out=out)
-        return self.out_proj(y.transpose(1, 2))
+        return self._out_proj(y.transpose(1, 2), out_width if no_grad else None)
+
+    def _out_proj(self, y: Tensor, out_width: Optional[int]) -> Tensor:
+        """out_proj(y), its rows padded with zero columns to ``out_width`` if given."""
+        if out_width is None:
+            return self.out_proj(y)
+        return F.linear(y, zero_padded(self.out_proj.weight, (out_width, self.out_proj.in_features)))
 
     def _x_proj_rows(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """x_proj(x) split into (dt, B, C), (B, L, R) and (B, L, N) each.
@@ -188,7 +240,8 @@ class MambaMixer(nn.Module):
         return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight,
                                         out_dtype=out_dtype)
 
-    def _infer_triton_low_memory(self, tokens: Tensor, norm: Optional[nn.LayerNorm]) -> Tensor:
+    def _infer_triton_low_memory(self, tokens: Tensor, norm: Optional[nn.LayerNorm],
+                                 out_width: Optional[int]) -> Tensor:
         """Inference that never stores conv1d's output (see :func:`dvmsr_arch.ops.low_memory_inference`):
         conv1d + SiLU run inside x_proj's kernel and again inside the scan, which writes y over z.
         Besides its input and output, a ViMM then holds only xz (B, L, 2E) and x_proj's rows."""
@@ -202,14 +255,16 @@ class MambaMixer(nn.Module):
                                       self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), delta_softplus=True,
                                       out=z.transpose(1, 2), conv_weight=self.conv1d.weight,
                                       conv_bias=self.conv1d.bias)
-        return self.out_proj(z)
+        return self._out_proj(z, out_width)
 
-    def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
+    def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None) -> Tensor:
         """Mix ``tokens`` (B, L, C), normalised by ``norm`` first if given (so that the Triton path
-        can fuse the normalisation into in_proj)."""
+        can fuse the normalisation into in_proj). ``out_width``: Triton inference returns rows of that
+        many columns, zero after the C (a convolution reads them, see ``CONV_CHANNEL_MULTIPLE``);
+        other paths ignore it."""
         backend = resolve_backend(self.scan_backend, tokens.device)
         if backend == 'triton' and not self.bidirectional:
-            return self._forward_triton(tokens, norm)
+            return self._forward_triton(tokens, norm, out_width)
         if norm is not None:
             tokens = norm(tokens)
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
@@ -231,11 +286,12 @@ class ViMM(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.residual = residual
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_width: Optional[int] = None) -> Tensor:
+        """``out_width``: see ``MambaMixer.forward``; with the skip of Eq. 4 the rows stay C wide."""
         if self.residual:  # paper Eq. 4
             return x + self.drop_path(self.mixer(x, norm=self.norm))
         # The released model: no skip, stochastic depth on the block input.
-        return self.mixer(self.drop_path(x), norm=self.norm)
+        return self.mixer(self.drop_path(x), norm=self.norm, out_width=out_width)
 
 
 class ViMMGroup(nn.Module):
@@ -245,9 +301,10 @@ class ViMMGroup(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, x: Tensor, out_width: Optional[int] = None) -> Tensor:
+        """``out_width`` applies to the last block's output (see ``ViMM.forward``)."""
+        for index, block in enumerate(self.blocks):
+            x = block(x, out_width if index == len(self.blocks) - 1 else None)
         return x
 
 
@@ -260,7 +317,8 @@ class RSSB(nn.Module):
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
 
     def forward(self, tokens: Tensor, size: Tuple[int, int], fused: bool = False) -> Tensor:
-        return conv_plus_skip(self.conv, self.residual_group(tokens), size, tokens, fused)
+        mixed = self.residual_group(tokens, conv_input_width(self.conv.in_channels, fused))
+        return conv_plus_skip(self.conv, mixed, size, tokens, fused)
 
 
 class PatchEmbed(nn.Module):
@@ -392,8 +450,10 @@ class DVMSR(nn.Module):
             tokens = layer(tokens, size, fused)
             if keep_features:  # holding them costs an activation-sized buffer per RSSB
                 rssb.append(tokens)
-        body = tokens_to_images(conv_plus_skip(self.conv_after_body, layer_norm(self.norm_f, tokens, fused), size,
-                                               images_to_tokens(shallow), fused), size)
+        # Under fused inference the body leaves padded to a width cuDNN reads in place, for the upsampler.
+        width = conv_input_width(self.conv_after_body.in_channels, fused)
+        body = tokens_to_images(conv_plus_skip(self.conv_after_body, layer_norm(self.norm_f, tokens, fused, width),
+                                               size, images_to_tokens(shallow), fused, width), size)
         if _autocast_enabled(x.device.type):
             # The last convolutions set the output pixels directly: under autocast they stay in fp32.
             with torch.autocast(x.device.type, enabled=False):
@@ -401,12 +461,18 @@ class DVMSR(nn.Module):
         else:
             out = self._reconstruct(body)
         out = torch.add(self.mean, out, alpha=1.0 / self.img_range)  # one pass over the SR image
-        return out, {'rssb': [tokens_to_images(t, size) for t in rssb], 'body': body}
+        return out, {'rssb': [tokens_to_images(t, size) for t in rssb],
+                     'body': body[:, :self.conv_after_body.out_channels]}
 
     def _reconstruct(self, body: Tensor) -> Tensor:
+        """The upsampler; ``body`` may carry zero channels after the C (see ``_run``)."""
+        head = self.conv_before_upsample if self.upsampler == 'pixelshuffle' else self.upsample
+        x = conv_on_padded(head[0], body, head[0].bias)
+        for layer in head[1:]:
+            x = layer(x)
         if self.upsampler == 'pixelshuffle':
-            return self.conv_last(self.upsample(self.conv_before_upsample(body)))
-        return self.upsample(body)
+            return self.conv_last(self.upsample(x))
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, keep_features=False)[0]

@@ -50,14 +50,16 @@ def _kernels():
     return fused_triton_kernels
 
 
-def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, save_stats: bool):
+def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, save_stats: bool,
+                        width: Optional[int] = None):
     batch, length, channels = x.shape
+    width = width or channels
     rows = batch * length
-    y = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
+    y = torch.empty(batch, length, width, device=x.device, dtype=x.dtype)
     stats = [torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2)] if save_stats else [y, y]
     _kernels()._layer_norm_fwd[(_cdiv(rows, LN_BLOCK_ROWS),)](
-        x, weight, bias, y, stats[0], stats[1], rows, length, channels, *x.stride(), *y.stride(), eps,
-        BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(channels), SAVE_STATS=save_stats)
+        x, weight, bias, y, stats[0], stats[1], rows, length, channels, width, *x.stride(), *y.stride(), eps,
+        BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(width), SAVE_STATS=save_stats)
     return y, stats
 
 
@@ -83,11 +85,18 @@ class _LayerNorm(torch.autograd.Function):
         return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None
 
 
-def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the last axis of (batch, L, C), any strides; returns a contiguous tensor."""
+def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float, width: Optional[int] = None) -> Tensor:
+    """LayerNorm over the last axis of (batch, L, C), any strides; returns a contiguous tensor.
+
+    ``width`` > C (inference only): the rows are ``width`` wide, zero after the C normalised values.
+    """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        if width not in (None, x.shape[-1]):
+            raise ValueError(f'layer_norm_tokens: width={width} pads the output, which autograd does not support')
         return _LayerNorm.apply(x, weight, bias, eps)
-    return _layer_norm_forward(x, weight, bias, eps, save_stats=False)[0]
+    if width is not None and width < x.shape[-1]:
+        raise ValueError(f'layer_norm_tokens: width={width} is less than the {x.shape[-1]} channels')
+    return _layer_norm_forward(x, weight, bias, eps, save_stats=False, width=width)[0]
 
 
 def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, weight: Tensor,

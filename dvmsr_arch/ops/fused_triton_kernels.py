@@ -68,11 +68,13 @@ def _store_times_weight(a, w_ptr, y_ptr, out_rows, row_mask, k, k_mask, K, OUT, 
 
 
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_yb'])
-def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
-                    eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATS: tl.constexpr):
+def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, OUT_C, s_xb, s_xl, s_xc, s_yb, s_yl,
+                    s_yc, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATS: tl.constexpr):
+    """y rows of OUT_C >= C columns: the normalised C, then zeros."""
     r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
     y, mean, rstd = _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
-    tl.store(y_ptr + (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc,
+             tl.where(c_mask[None, :], y, 0.0).to(y_ptr.dtype.element_ty), mask=r_mask[:, None] & (c < OUT_C)[None, :])
     if SAVE_STATS:
         tl.store(mean_ptr + r, mean, mask=r_mask)
         tl.store(rstd_ptr + r, rstd, mask=r_mask)
