@@ -90,6 +90,11 @@ def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype
         else:
             out = selective_scan_triton(plain[0], plain[1], *plain[3:], delta_softplus=with_extras)
     result['no_grad_path'] = max_rel(out, ref.detach())
+    if rank:  # y written over u, as the network's inference path does
+        with torch.no_grad(), poisoned_empty():
+            u_then_y = plain[0].clone()
+            selective_scan_lowrank_triton(u_then_y, *plain[1:], delta_softplus=with_extras, out=u_then_y)
+        result['over_u'] = max_rel(u_then_y, ref.detach())
     result['rows_aligned'] = _rows_aligned(inputs[1] if rank else None, inputs[4], inputs[5], rank, state)
     return result
 
@@ -242,6 +247,7 @@ def run_all_cases():
     scan_triton.set_configs(associative, backward)
     results['full_delta_channel_major'] = scan_case(2, 6, 3, 21, 0, token_major=False, with_extras=True)
     results['plain_no_D_z_bias_softplus'] = scan_case(1, 5, 4, 19, 0, token_major=False, with_extras=False)
+    results['lowrank_token_major_associative'] = scan_case(1, 6, 3, 21, 2, token_major=True, with_extras=True)
     scan_triton.set_configs(lanes, backward_lanes)
     results['lowrank_token_major_sequential'] = scan_case(1, 6, 3, 21, 2, token_major=True, with_extras=True)
     # As the network calls it: R=4, N=4 packed rows (aligned loads), 3 full chunks and a partial one
@@ -286,14 +292,16 @@ def interpreted():
 
 @needs_triton
 @pytest.mark.parametrize('case', ['full_delta_channel_major', 'plain_no_D_z_bias_softplus',
-                                  'lowrank_token_major_sequential', 'lowrank_packed_rows_sequential',
-                                  'lowrank_packed_rows_warp_sums'])
+                                  'lowrank_token_major_associative', 'lowrank_token_major_sequential',
+                                  'lowrank_packed_rows_sequential', 'lowrank_packed_rows_warp_sums'])
 def test_scan_matches_float64_ref(interpreted, case):
     result = interpreted[case]
     # The packed cases must take the 128-bit row-load path, the others the general one.
     assert result['rows_aligned'] == ('packed' in case)
     assert result['forward'] < TOL
     assert result['no_grad_path'] < TOL
+    if case.startswith('lowrank'):
+        assert result['over_u'] < TOL
     grads = {k: v for k, v in result.items() if k.startswith('grad_')}
     expected = {'grad_u', 'grad_delta', 'grad_A', 'grad_B', 'grad_C'}
     if case != 'plain_no_D_z_bias_softplus':
@@ -324,7 +332,7 @@ def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
     for case, aligned in (('half_inputs', False), ('half_packed_rows', True)):
         result = interpreted[case]
         assert result['rows_aligned'] == aligned
-        assert result['forward'] < 2e-3 and result['no_grad_path'] < 2e-3
+        assert result['forward'] < 2e-3 and result['no_grad_path'] < 2e-3 and result['over_u'] < 2e-3
         assert max(v for k, v in result.items() if k.startswith('grad_')) < 5e-3
 
 

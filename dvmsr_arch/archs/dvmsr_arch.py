@@ -188,15 +188,18 @@ class MambaMixer(nn.Module):
             x_raw, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.split(inner))
         x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
         dt, B, C = self._x_proj_rows(x)
-        # Without autograd the scan writes into the x half of xz, which conv1d has consumed: one
-        # (B, L, E) buffer less at the peak.
-        out = x_raw.transpose(1, 2) if no_grad else None
+        # Without autograd the scan writes y over u (each lane reads u_t before it stores y_t): no
+        # (B, L, E) buffer more, and out_proj reads contiguous rows, which cuBLAS takes faster than
+        # the strided halves of xz.
+        out = x.transpose(1, 2) if no_grad else None
         y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
                                           -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                                           self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
                                           delta_softplus=True, out=out)
-        # Inference peaks when out_proj allocates its output: conv1d's output and x_proj's rows go first.
-        del x, dt, B, C
+        # in_proj's output and x_proj's rows go before out_proj allocates its output.
+        del x_raw, z, dt, B, C
+        if no_grad:
+            del xz
         return self._out_proj(y.transpose(1, 2), out_width if no_grad else None)
 
     def _out_proj(self, y: Tensor, out_width: Optional[int]) -> Tensor:

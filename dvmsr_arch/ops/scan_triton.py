@@ -280,10 +280,11 @@ def selective_scan_lowrank_triton(u: Tensor, dt: Tensor, dt_weight: Tensor, A: T
     """The scan with delta = dt_weight @ dt given by its factors, as Mamba's dt_proj makes it.
 
     dt: (batch, R, L); dt_weight: (E, R). The (batch, E, L) delta is formed inside the kernels only.
-    Without autograd: ``out`` (batch, E, L), any strides, receives y, and may be ``z`` itself (each
-    z_t is read before y_t is written over it); with ``conv_weight`` (E, 1, 4) and ``conv_bias``, u
-    is the input of Mamba's causal conv1d + SiLU, which the kernels apply as they read it, so the
-    conv output never exists in memory.
+    Without autograd: ``out`` (batch, E, L), any strides, receives y, and may be ``z`` or ``u`` itself
+    (each z_t and u_t is read before y_t is written over it; not u with a conv, which reads u's
+    earlier tokens again); with ``conv_weight`` (E, 1, 4) and ``conv_bias``, u is the input of
+    Mamba's causal conv1d + SiLU, which the kernels apply as they read it, so the conv output never
+    exists in memory.
     """
     conv = None
     if conv_weight is not None:

@@ -595,7 +595,8 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
                         HAS_Z: tl.constexpr, SAVE_STATES: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
                         CONV: tl.constexpr, PREFETCH: tl.constexpr):
     # Without a gate, z_ptr is u's: the read-ahead of z stays valid and its value unused. y may be
-    # written over z (the inference path does): z_t is read, one token ahead, before y_t is stored.
+    # written over z or, without CONV, over u (the inference paths do): z_t and u_t are read, one
+    # token ahead, before y_t is stored.
     t = pid_c * tiles * T
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                          pid_b, t, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
