@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dvmsr_arch.archs.dvmsr_arch import DVMSR
+from dvmsr_arch.archs.dvmsr_arch import DVMSR, zero_padded
 
 
 def count(net):
@@ -130,3 +130,17 @@ def test_registered_in_basicsr():
     from basicsr.archs import build_network
     net = build_network({'type': 'DVMSR', 'embed_dim': 12, 'depths': [1]})
     assert isinstance(net, DVMSR)
+
+
+def test_padded_weights_are_kept_until_the_weight_changes():
+    # The fused inference path pads convolution and out_proj weights once per weight version.
+    weight = torch.nn.Parameter(torch.randn(3, 2, 3, 3))
+    first = zero_padded(weight, (3, 8, 3, 3))
+    assert torch.equal(first[:, :2], weight.detach()) and not first[:, 2:].any()
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    assert zero_padded(weight, (3, 8, 3, 3)) is first
+    assert zero_padded(weight, (3, 2, 3, 3)) is weight
+    with torch.no_grad():
+        weight.mul_(2)  # as an optimizer step does
+    second = zero_padded(weight, (3, 8, 3, 3))
+    assert second is not first and torch.equal(second[:, :2], weight.detach())

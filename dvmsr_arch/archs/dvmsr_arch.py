@@ -5,7 +5,7 @@ checkpoints load strictly. Defaults are the released x4 student: 4 RSSBs x 2 ViM
 424,428 parameters.
 """
 import math
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ def tokens_to_images(tokens: Tensor, size: Tuple[int, int]) -> Tensor:
 # convolution token rows padded with zero columns to this multiple, and pads the weights to match.
 CONV_CHANNEL_MULTIPLE = 8
 
-_padded_weights = WeakTensorKeyDictionary()
+_derived_tensors = WeakTensorKeyDictionary()
 
 
 def conv_input_width(channels: int, fused: bool) -> Optional[int]:
@@ -46,22 +46,33 @@ def conv_input_width(channels: int, fused: bool) -> Optional[int]:
     return -(-channels // CONV_CHANNEL_MULTIPLE) * CONV_CHANNEL_MULTIPLE
 
 
+def derived_tensor(source: Tensor, kind: Hashable, build: Callable[[], Tensor]) -> Tensor:
+    """``build()``, a tensor the inference kernels take in place of the parameter ``source``, kept
+    until ``source`` changes (a parameter's version counter moves with every in-place update), so
+    inference does not rebuild it in each call. Built without autograd."""
+    key = (source.data_ptr(), source._version, source.dtype)
+    cache = _derived_tensors.get(source)
+    if cache is None:
+        cache = _derived_tensors[source] = {}
+    if kind not in cache or cache[kind][0] != key:
+        with torch.no_grad():
+            cache[kind] = (key, build())
+    return cache[kind][1]
+
+
 def zero_padded(weight: Tensor, shape: Sequence[int]) -> Tensor:
     """``weight`` with zeros appended along each axis up to ``shape`` (``weight`` itself when it has
-    that shape), channels-last for a convolution's. Kept until the weight changes (a parameter's
-    version counter moves with every in-place update), so inference does not rebuild it each call."""
+    that shape), channels-last for a convolution's; see ``derived_tensor``."""
     shape = tuple(shape)
     if tuple(weight.shape) == shape:
         return weight
-    key = (weight.data_ptr(), weight._version, weight.dtype, shape)
-    cached = _padded_weights.get(weight)
-    if cached is None or cached[0] != key:
+
+    def build() -> Tensor:
         layout = torch.channels_last if weight.dim() == 4 else torch.contiguous_format
         padded = torch.zeros(shape, dtype=weight.dtype, device=weight.device).contiguous(memory_format=layout)
-        with torch.no_grad():
-            padded[tuple(slice(0, n) for n in weight.shape)] = weight
-        cached = _padded_weights[weight] = (key, padded)
-    return cached[1]
+        padded[tuple(slice(0, n) for n in weight.shape)] = weight
+        return padded
+    return derived_tensor(weight, ('zero_padded', shape), build)
 
 
 def conv_on_padded(conv: nn.Conv2d, x: Tensor, bias: Optional[Tensor], out_channels: Optional[int] = None) -> Tensor:
@@ -192,15 +203,25 @@ class MambaMixer(nn.Module):
         # (B, L, E) buffer more, and out_proj reads contiguous rows, which cuBLAS takes faster than
         # the strided halves of xz.
         out = x.transpose(1, 2) if no_grad else None
-        y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
-                                          -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                                          self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
-                                          delta_softplus=True, out=out)
+        dt_weight, A = self._scan_weights(no_grad)
+        y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), dt_weight, A, B.transpose(1, 2),
+                                          C.transpose(1, 2), self.D.float(), z.transpose(1, 2),
+                                          self.dt_proj.bias.float(), delta_softplus=True, out=out)
         # in_proj's output and x_proj's rows go before out_proj allocates its output.
         del x_raw, z, dt, B, C
         if no_grad:
             del xz
         return self._out_proj(y.transpose(1, 2), out_width if no_grad else None)
+
+    def _scan_weights(self, no_grad: bool) -> Tuple[Tensor, Tensor]:
+        """dt_proj's weight (E, R) and A (E, N) for the Triton scan. The kernels read both transposed;
+        without autograd they are kept so (see ``derived_tensor``), which spares each call four small
+        kernels (A's exp and sign, two transposing copies)."""
+        if not no_grad:
+            return self.dt_proj.weight, -torch.exp(self.A_log.float())
+        weight = derived_tensor(self.dt_proj.weight, 'scan_t', lambda: self.dt_proj.weight.t().contiguous())
+        A = derived_tensor(self.A_log, 'scan_t', lambda: (-torch.exp(self.A_log.float())).t().contiguous())
+        return weight.t(), A.t()
 
     def _out_proj(self, y: Tensor, out_width: Optional[int]) -> Tensor:
         """out_proj(y), its rows padded with zero columns to ``out_width`` if given."""
@@ -255,10 +276,10 @@ class MambaMixer(nn.Module):
         x, z = xz[..., :inner], xz[..., inner:]
         rows = causal_conv1d_silu_linear_tokens(x, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
         dt, B, C = rows.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), self.dt_proj.weight,
-                                      -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                                      self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), delta_softplus=True,
-                                      out=z.transpose(1, 2), conv_weight=self.conv1d.weight,
+        dt_weight, A = self._scan_weights(no_grad=True)
+        selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), dt_weight, A, B.transpose(1, 2),
+                                      C.transpose(1, 2), self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
+                                      delta_softplus=True, out=z.transpose(1, 2), conv_weight=self.conv1d.weight,
                                       conv_bias=self.conv1d.bias)
         del rows, dt, B, C  # before out_proj allocates its output, at the peak
         return self._out_proj(z, out_width)
