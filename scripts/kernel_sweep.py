@@ -5,7 +5,8 @@
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
 SiLU (over its block shapes) + x_proj (separate, and fused over its block shapes), a convolution's
-bias and skip added in one pass, and the scan with u stored or the conv applied inside it. Each
+bias and skip added in one pass, the scan with u stored or the conv applied inside it, and cuDNN's
+3x3 convolution to 60 channels from token rows of 60 or 64 channels (the fused path pads). Each
 number is the median of 20 calls between two CUDA events after 5 warm-up calls, so it includes the
 launch: compare the numbers with each other, and use
 ``benchmark.py profile`` for kernel times inside the network. The chosen shapes are the module
@@ -114,6 +115,11 @@ def main() -> int:
         results['scan applying the conv, u read from in_proj output'] = median_us(
             lambda: scan(xz[..., :E].transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias, True, out=out,
                          conv_weight=conv_w, conv_bias=conv_b))
+    # The image the network hands cuDNN: token rows seen as channels-last (B, C, H, W).
+    for channels in (60, 64):
+        image = torch.randn(1, LENGTH, channels, device=dev).transpose(1, 2).reshape(1, channels, 339, 510)
+        weight = (torch.randn(C, channels, 3, 3, device=dev) * 0.05).contiguous(memory_format=torch.channels_last)
+        results[f'conv 3x3, {channels} -> {C} channels'] = median_us(lambda: F.conv2d(image, weight, None, 1, 1))
     print(json.dumps(results, indent=1))
     if args.out:
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
