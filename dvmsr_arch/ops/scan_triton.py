@@ -253,7 +253,8 @@ class _SelectiveScan(torch.autograd.Function):
 def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, conv=None):
     if u.device.type == 'cuda' and u.device.index != torch.cuda.current_device():
         torch.cuda.set_device(u.device)  # triton launches on the current device
-    A, D, delta_bias = _f32(A), _f32(D), _f32(delta_bias)
+    # A may come transposed, as the network keeps it: the kernels' own layout is its transpose.
+    A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)
     tensors = (u, delta, dt_weight, A, B, C, D, z, delta_bias) + (conv or ())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         if out is not None or conv is not None:
