@@ -494,9 +494,10 @@ class DVMSR(nn.Module):
     def _reconstruct(self, body: Tensor) -> Tensor:
         """The upsampler; ``body`` may carry zero channels after the C (see ``_run``)."""
         head = self.conv_before_upsample if self.upsampler == 'pixelshuffle' else self.upsample
-        x = conv_on_padded(head[0], body, head[0].bias)
-        for layer in head[1:]:
-            x = layer(x)
+        if body.shape[1] == head[0].in_channels:
+            x = head(body)  # through the modules, so that hooks (activation counts) see the conv
+        else:
+            x = head[1:](conv_on_padded(head[0], body, head[0].bias))
         if self.upsampler == 'pixelshuffle':
             return self.conv_last(self.upsample(x))
         return x
