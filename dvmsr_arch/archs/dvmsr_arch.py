@@ -32,16 +32,16 @@ def tokens_to_images(tokens: Tensor, size: Tuple[int, int]) -> Tensor:
 
 # cuDNN's NHWC convolutions read an input of a multiple of 8 channels in place; an input of 60 is
 # first copied into a padded layout, for a slower kernel (H100, LR 339x510, 60 -> 60 channels: 143 us
-# against 70 us from 64 channels, docs/performance.md). So the fused inference path hands each
-# convolution token rows padded with zero columns to this multiple, and pads the weights to match.
+# against 70 us from 64 channels, docs/performance.md). So the fused path hands each convolution
+# token rows padded with zero columns to this multiple, and pads the weights to match.
 CONV_CHANNEL_MULTIPLE = 8
 
 _derived_tensors = WeakTensorKeyDictionary()
 
 
 def conv_input_width(channels: int, fused: bool) -> Optional[int]:
-    """How wide the fused inference path makes the token rows a convolution reads (None: as they are)."""
-    if not fused or torch.is_grad_enabled():
+    """How wide the fused path makes the token rows a convolution reads (None: as they are)."""
+    if not fused:
         return None
     return -(-channels // CONV_CHANNEL_MULTIPLE) * CONV_CHANNEL_MULTIPLE
 
@@ -86,15 +86,20 @@ def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip:
                    out_width: Optional[int] = None) -> Tensor:
     """``conv`` applied to the tokens as an image, plus ``skip`` (tokens), as tokens.
 
-    ``fused`` (inference): the convolution runs without its bias, and one Triton pass adds bias and
-    skip (in fp32, stored in the convolution's dtype), where PyTorch would add a cuDNN convolution's
-    bias in a pass of its own. There ``tokens`` may carry zero columns after the conv's input
-    channels, and ``out_width`` asks for the result padded likewise (see ``CONV_CHANNEL_MULTIPLE``).
+    ``fused``: ``tokens`` may carry zero columns after the conv's input channels (see
+    ``CONV_CHANNEL_MULTIPLE``). For inference the convolution then runs without its bias, and one
+    Triton pass adds bias and skip (in fp32, stored in the convolution's dtype), where PyTorch would
+    add a cuDNN convolution's bias in a pass of its own; ``out_width`` asks for the result padded
+    with zero columns too. Under autograd the result is C wide.
     """
     x = tokens_to_images(tokens, size)
     recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if not fused or recording or conv.bias is None:
-        return images_to_tokens(conv(x[:, :conv.in_channels])) + skip
+        if x.shape[1] == conv.in_channels:
+            return images_to_tokens(conv(x)) + skip
+        padding = (0, 0, 0, 0, 0, x.shape[1] - conv.in_channels)  # differentiable, unlike zero_padded
+        weight = F.pad(conv.weight, padding).contiguous(memory_format=torch.channels_last)
+        return images_to_tokens(conv._conv_forward(x, weight, conv.bias)) + skip
     y = images_to_tokens(conv_on_padded(conv, x, None, out_width))
     if y.dtype != skip.dtype:
         return y[..., :conv.out_channels] + conv.bias + skip
@@ -104,7 +109,7 @@ def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip:
 
 def layer_norm(norm: nn.LayerNorm, tokens: Tensor, fused: bool, width: Optional[int] = None) -> Tensor:
     """``norm(tokens)``; ``fused`` runs it as a Triton kernel (PyTorch's is slow on 60-wide rows),
-    whose output rows ``width`` pads with zero columns (inference)."""
+    whose output rows ``width`` pads with zero columns."""
     if fused:
         return layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps, width)
     return norm(tokens)
@@ -211,7 +216,7 @@ class MambaMixer(nn.Module):
         del x_raw, z, dt, B, C
         if no_grad:
             del xz
-        return self._out_proj(y.transpose(1, 2), out_width if no_grad else None)
+        return self._out_proj(y.transpose(1, 2), out_width)
 
     def _scan_weights(self, no_grad: bool) -> Tuple[Tensor, Tensor]:
         """dt_proj's weight (E, R) and A (E, N) for the Triton scan. The kernels read both transposed;
@@ -225,9 +230,12 @@ class MambaMixer(nn.Module):
 
     def _out_proj(self, y: Tensor, out_width: Optional[int]) -> Tensor:
         """out_proj(y), its rows padded with zero columns to ``out_width`` if given."""
-        if out_width is None:
+        weight = self.out_proj.weight
+        if out_width is None or out_width == weight.shape[0]:
             return self.out_proj(y)
-        return F.linear(y, zero_padded(self.out_proj.weight, (out_width, self.out_proj.in_features)))
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return F.linear(y, F.pad(weight, (0, 0, 0, out_width - weight.shape[0])))
+        return F.linear(y, zero_padded(weight, (out_width, weight.shape[1])))
 
     def _x_proj_rows(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """x_proj(x) split into (dt, B, C), (B, L, R) and (B, L, N) each.
@@ -286,7 +294,7 @@ class MambaMixer(nn.Module):
 
     def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None) -> Tensor:
         """Mix ``tokens`` (B, L, C), normalised by ``norm`` first if given (so that the Triton path
-        can fuse the normalisation into in_proj). ``out_width``: Triton inference returns rows of that
+        can fuse the normalisation into in_proj). ``out_width``: the Triton path returns rows of that
         many columns, zero after the C (a convolution reads them, see ``CONV_CHANNEL_MULTIPLE``);
         other paths ignore it."""
         backend = resolve_backend(self.scan_backend, tokens.device)
@@ -477,7 +485,8 @@ class DVMSR(nn.Module):
             tokens = layer(tokens, size, fused)
             if keep_features:  # holding them costs an activation-sized buffer per RSSB
                 rssb.append(tokens)
-        # Under fused inference the body leaves padded to a width cuDNN reads in place, for the upsampler.
+        # On the fused path the body's convolution reads padded rows; for inference the body leaves
+        # padded too, for the upsampler.
         width = conv_input_width(self.conv_after_body.in_channels, fused)
         body = tokens_to_images(conv_plus_skip(self.conv_after_body, layer_norm(self.norm_f, tokens, fused, width),
                                                size, images_to_tokens(shallow), fused, width), size)

@@ -66,8 +66,8 @@ def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, sav
 class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, (mean, rstd) = _layer_norm_forward(x, weight, bias, eps, save_stats=True)
+    def forward(ctx, x, weight, bias, eps, width):
+        y, (mean, rstd) = _layer_norm_forward(x, weight, bias, eps, save_stats=True, width=width)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -75,6 +75,7 @@ class _LayerNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         batch, length, channels = x.shape
+        dy = dy[..., :channels]  # padding columns are constant zeros
         rows = batch * length
         programs = _cdiv(rows, LN_BLOCK_ROWS)
         dx = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
@@ -82,20 +83,18 @@ class _LayerNorm(torch.autograd.Function):
         _kernels()._layer_norm_bwd[(programs,)](x, weight, dy, mean, rstd, dx, dw_part, db_part, rows, length, channels,
                                                 *x.stride(), *dy.stride(), BLOCK_R=LN_BLOCK_ROWS,
                                                 BLOCK_C=_pow2(channels))
-        return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None
+        return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None, None
 
 
 def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float, width: Optional[int] = None) -> Tensor:
     """LayerNorm over the last axis of (batch, L, C), any strides; returns a contiguous tensor.
 
-    ``width`` > C (inference only): the rows are ``width`` wide, zero after the C normalised values.
+    ``width`` > C: the rows are ``width`` wide, zero after the C normalised values.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        if width not in (None, x.shape[-1]):
-            raise ValueError(f'layer_norm_tokens: width={width} pads the output, which autograd does not support')
-        return _LayerNorm.apply(x, weight, bias, eps)
     if width is not None and width < x.shape[-1]:
         raise ValueError(f'layer_norm_tokens: width={width} is less than the {x.shape[-1]} channels')
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _LayerNorm.apply(x, weight, bias, eps, width)
     return _layer_norm_forward(x, weight, bias, eps, save_stats=False, width=width)[0]
 
 
