@@ -6,7 +6,8 @@ At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
 SiLU (over its block shapes) + x_proj (separate, and fused over its block shapes), a convolution's
 bias and skip added in one pass, the scan with u stored or the conv applied inside it, and cuDNN's
-3x3 convolution to 60 channels from token rows of 60 or 64 channels (the fused path pads). Each
+3x3 convolution from token rows of 60 or 64 channels (the fused path pads), alone and, at the
+training step's size (batch 64, 64x64), with its backward. Each
 number is the median of 20 calls between two CUDA events after 5 warm-up calls, so it includes the
 launch: compare the numbers with each other, and use
 ``benchmark.py profile`` for kernel times inside the network. The chosen shapes are the module
@@ -120,6 +121,14 @@ def main() -> int:
         image = torch.randn(1, LENGTH, channels, device=dev).transpose(1, 2).reshape(1, channels, 339, 510)
         weight = (torch.randn(C, channels, 3, 3, device=dev) * 0.05).contiguous(memory_format=torch.channels_last)
         results[f'conv 3x3, {channels} -> {C} channels'] = median_us(lambda: F.conv2d(image, weight, None, 1, 1))
+    for in_channels, out_channels in ((60, 60), (64, 60), (64, 64)):
+        batch = torch.randn(64, 64 * 64, in_channels, device=dev).transpose(1, 2).reshape(64, in_channels, 64, 64)
+        batch.requires_grad_()
+        weight = (torch.randn(out_channels, in_channels, 3, 3, device=dev) * 0.05).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        grad = torch.randn(64, 64 * 64, out_channels, device=dev).transpose(1, 2).reshape(64, out_channels, 64, 64)
+        label = f'conv 3x3 forward + backward, batch 64 of 64x64, {in_channels} -> {out_channels} channels'
+        results[label] = median_us(lambda: F.conv2d(batch, weight, None, 1, 1).backward(grad))
     print(json.dumps(results, indent=1))
     if args.out:
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
