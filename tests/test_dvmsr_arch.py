@@ -132,15 +132,25 @@ def test_registered_in_basicsr():
     assert isinstance(net, DVMSR)
 
 
+@torch.no_grad()
 def test_padded_weights_are_kept_until_the_weight_changes():
     # The fused inference path pads convolution and out_proj weights once per weight version.
     weight = torch.nn.Parameter(torch.randn(3, 2, 3, 3))
     first = zero_padded(weight, (3, 8, 3, 3))
-    assert torch.equal(first[:, :2], weight.detach()) and not first[:, 2:].any()
+    assert torch.equal(first[:, :2], weight) and not first[:, 2:].any()
     assert first.is_contiguous(memory_format=torch.channels_last)
     assert zero_padded(weight, (3, 8, 3, 3)) is first
     assert zero_padded(weight, (3, 2, 3, 3)) is weight
-    with torch.no_grad():
-        weight.mul_(2)  # as an optimizer step does
+    weight.mul_(2)  # as an optimizer step does
     second = zero_padded(weight, (3, 8, 3, 3))
-    assert second is not first and torch.equal(second[:, :2], weight.detach())
+    assert second is not first and torch.equal(second[:, :2], weight)
+
+
+def test_padded_weights_pass_gradients_while_recording():
+    # The fused training path pads convolution inputs and out_proj's output the same way.
+    weight = torch.nn.Parameter(torch.randn(3, 2))
+    padded = zero_padded(weight, (5, 2))
+    assert padded.requires_grad and not padded[3:].any()
+    assert zero_padded(weight, (5, 2)) is not padded  # a new graph each call, never a kept copy
+    (padded * torch.arange(10.0).view(5, 2)).sum().backward()
+    assert torch.equal(weight.grad, torch.arange(6.0).view(3, 2))

@@ -62,16 +62,18 @@ def derived_tensor(source: Tensor, kind: Hashable, build: Callable[[], Tensor]) 
 
 def zero_padded(weight: Tensor, shape: Sequence[int]) -> Tensor:
     """``weight`` with zeros appended along each axis up to ``shape`` (``weight`` itself when it has
-    that shape), channels-last for a convolution's; see ``derived_tensor``."""
+    that shape), channels-last for a convolution's. While autograd records ``weight`` the padding is
+    part of the graph; otherwise it is kept as a ``derived_tensor``."""
     shape = tuple(shape)
     if tuple(weight.shape) == shape:
         return weight
 
     def build() -> Tensor:
+        padding = [p for have, want in zip(reversed(weight.shape), reversed(shape)) for p in (0, want - have)]
         layout = torch.channels_last if weight.dim() == 4 else torch.contiguous_format
-        padded = torch.zeros(shape, dtype=weight.dtype, device=weight.device).contiguous(memory_format=layout)
-        padded[tuple(slice(0, n) for n in weight.shape)] = weight
-        return padded
+        return F.pad(weight, padding).contiguous(memory_format=layout)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return build()
     return derived_tensor(weight, ('zero_padded', shape), build)
 
 
@@ -97,9 +99,7 @@ def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip:
     if not fused or recording or conv.bias is None:
         if x.shape[1] == conv.in_channels:
             return images_to_tokens(conv(x)) + skip
-        padding = (0, 0, 0, 0, 0, x.shape[1] - conv.in_channels)  # differentiable, unlike zero_padded
-        weight = F.pad(conv.weight, padding).contiguous(memory_format=torch.channels_last)
-        return images_to_tokens(conv._conv_forward(x, weight, conv.bias)) + skip
+        return images_to_tokens(conv_on_padded(conv, x, conv.bias)) + skip
     y = images_to_tokens(conv_on_padded(conv, x, None, out_width))
     if y.dtype != skip.dtype:
         return y[..., :conv.out_channels] + conv.bias + skip
@@ -233,8 +233,6 @@ class MambaMixer(nn.Module):
         weight = self.out_proj.weight
         if out_width is None or out_width == weight.shape[0]:
             return self.out_proj(y)
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return F.linear(y, F.pad(weight, (0, 0, 0, out_width - weight.shape[0])))
         return F.linear(y, zero_padded(weight, (out_width, weight.shape[1])))
 
     def _x_proj_rows(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
