@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -382,44 +383,40 @@ def check_scan(device: torch.device, cases: Sequence[Tuple[int, int, int, int, i
     return rows
 
 
-def scan_config_candidates():
+# The kernel shapes measured in docs/performance.md; `scan` times these when --scan-configs names none.
+MEASURED_SCAN_CONFIGS = (
+    'lanes_t8_e32_c32_w1', 'lanes_t4_e32_c64_w1', 'lanes_t8_e32_c16_w1', 'lanes_t8_e128_c32_w4', 'lanes_t16_e32_c16_w1',
+    'lanes_t8_e64_c32_w2', 'lanes_t4_e64_c32_w2', 'lanes_t8_e32_c8_w1', 'lanes_t4_e64_c16_w2', 'lanes_t4_e64_c64_w2',
+    'lanes_t2_e64_c64_w2', 'lanes_t4_e128_c32_w4', 'lanes_t8_e64_c16_w2', 'lanes_t4_e32_c32_w1', 'lanes_t8_e32_c64_w1',
+    'assoc_t8_e32_c32_w4', 'lanes_t4_e64_c32_w2_p8', 'lanes_t4_e128_c32_w4_p8', 'lanes_t4_e32_c64_w1_p8',
+    'lanes_t4_e64_c41_w2_p8', 'lanes_t4_e64_c32_w2_p8_waves')
+SCAN_CONFIG_NAME = re.compile(r'(lanes|assoc)_t(\d+)_e(\d+)_c(\d+)_w(\d+)(?:_p(\d+))?(?:_s(\d+))?(?:_o(\d+))?(_waves)?')
+
+
+def scan_config(name: str):
+    """The ScanConfig a name spells: ``lanes`` (lane-per-channel kernels) or ``assoc`` (block
+    kernels), then ``_tT`` tile, ``_eE`` channels per program, ``_cC`` tiles per chunk, ``_wW``
+    warps, and optionally ``_pP`` prefetch distance, ``_sS`` and ``_oO`` register caps of the
+    summary pass and of the output (or gradients) pass, ``_waves`` chunks fitted to whole waves of
+    the GPU (ScanConfig.whole_waves). ValueError for anything else."""
     from dvmsr_arch.ops.scan_triton import ScanConfig
-    lanes = dict(sequential=True)
-    return {
-        'lanes_t8_e32_c32_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=1, **lanes),
-        'lanes_t4_e32_c64_w1': ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, **lanes),
-        'lanes_t8_e32_c16_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=16, num_warps=1, **lanes),
-        'lanes_t8_e128_c32_w4': ScanConfig(tile=8, block_e=128, tiles_per_chunk=32, num_warps=4, **lanes),
-        'lanes_t16_e32_c16_w1': ScanConfig(tile=16, block_e=32, tiles_per_chunk=16, num_warps=1, **lanes),
-        'lanes_t8_e64_c32_w2': ScanConfig(tile=8, block_e=64, tiles_per_chunk=32, num_warps=2, **lanes),
-        'lanes_t4_e64_c32_w2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, **lanes),
-        'lanes_t8_e32_c8_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=8, num_warps=1, **lanes),
-        'lanes_t4_e64_c16_w2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=16, num_warps=2, **lanes),
-        'lanes_t4_e64_c64_w2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=64, num_warps=2, **lanes),
-        'lanes_t2_e64_c64_w2': ScanConfig(tile=2, block_e=64, tiles_per_chunk=64, num_warps=2, **lanes),
-        'lanes_t4_e128_c32_w4': ScanConfig(tile=4, block_e=128, tiles_per_chunk=32, num_warps=4, **lanes),
-        'lanes_t8_e64_c16_w2': ScanConfig(tile=8, block_e=64, tiles_per_chunk=16, num_warps=2, **lanes),
-        'lanes_t4_e32_c32_w1': ScanConfig(tile=4, block_e=32, tiles_per_chunk=32, num_warps=1, **lanes),
-        'lanes_t8_e32_c64_w1': ScanConfig(tile=8, block_e=32, tiles_per_chunk=64, num_warps=1, **lanes),
-        'assoc_t8_e32_c32_w4': ScanConfig(tile=8, block_e=32, tiles_per_chunk=32, num_warps=4),
-        'lanes_t4_e64_c32_w2_p2': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=2, **lanes),
-        'lanes_t4_e64_c32_w2_p4': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=4, **lanes),
-        'lanes_t4_e64_c32_w2_p8': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=8, **lanes),
-        'lanes_t4_e64_c32_w2_p16': ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, prefetch=16, **lanes),
-        'lanes_t4_e128_c32_w4_p8': ScanConfig(tile=4, block_e=128, tiles_per_chunk=32, num_warps=4, prefetch=8, **lanes),
-        'lanes_t8_e32_c16_w1_p8': ScanConfig(tile=8, block_e=32, tiles_per_chunk=16, num_warps=1, prefetch=8, **lanes),
-        'lanes_t8_e64_c16_w2_p8': ScanConfig(tile=8, block_e=64, tiles_per_chunk=16, num_warps=2, prefetch=8, **lanes),
-        'lanes_t4_e32_c64_w1_p8': ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, prefetch=8, **lanes),
-        'lanes_t4_e32_c64_w1_p16': ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, prefetch=16, **lanes),
-        'lanes_t4_e32_c32_w1_p8': ScanConfig(tile=4, block_e=32, tiles_per_chunk=32, num_warps=1, prefetch=8, **lanes),
-    }
+    match = SCAN_CONFIG_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f'{name!r} is not a scan kernel shape: write e.g. lanes_t4_e64_c32_w2_p8 '
+                         f'(optionally _s80 and _o112 register caps, then _waves) or assoc_t8_e32_c32_w4')
+    family, tile, block_e, tiles, warps, prefetch, summary_regs, output_regs, waves = match.groups()
+    if family == 'assoc' and (prefetch or summary_regs or output_regs or waves):
+        raise ValueError(f'{name!r}: prefetch, register caps and _waves apply to lanes kernels only')
+    return ScanConfig(tile=int(tile), block_e=int(block_e), tiles_per_chunk=int(tiles), num_warps=int(warps),
+                      sequential=family == 'lanes', prefetch=int(prefetch or 0),
+                      summary_registers=int(summary_regs or 0), output_registers=int(output_regs or 0),
+                      whole_waves=bool(waves))
 
 
 def time_scan_configs(device: torch.device, length: int, names: Sequence[str], warmup: int, repeats: int,
                       dtype=torch.float32) -> Dict[str, Dict]:
     """The scan alone as the network calls it (E=120, N=16, rank 4, token-major), per kernel shape."""
     from dvmsr_arch.ops import scan_triton
-    candidates = scan_config_candidates()
     u, dt, weight, A, B, C, D, z, bias = _scan_inputs(1, 120, 16, length, 4, device, dtype=dtype)
     out = torch.empty(1, length, 120, device=device, dtype=dtype).transpose(1, 2)
     saved = scan_triton.FORWARD_CONFIG
@@ -428,7 +425,7 @@ def time_scan_configs(device: torch.device, length: int, names: Sequence[str], w
     floor_bytes = (3 * 120 + 4 + 2 * 16) * length * u.element_size()
     try:
         for name in names:
-            scan_triton.set_configs(forward=candidates[name])
+            scan_triton.set_configs(forward=scan_config(name))
             with torch.no_grad():
                 times = time_calls(lambda: scan_triton.selective_scan_lowrank_triton(
                     u, dt, weight, A, B, C, D, z, bias, True, out=out), device, warmup, repeats)
@@ -459,8 +456,8 @@ def run_scan(args, device: torch.device) -> Dict[str, object]:
     # Every kernel family is checked, whichever is the default: the configured pair first, then
     # each candidate as both the forward and the backward shape.
     pairs = {'configured': saved} if args.check_configs != ['none'] else {}
-    pairs.update({name: (cfg, cfg) for name, cfg in scan_config_candidates().items()
-                  if name in args.check_configs})
+    pairs.update({name: (scan_config(name),) * 2 for name in args.check_configs
+                  if name not in ('none', 'configured')})
     try:
         for label, (forward, backward) in pairs.items():
             scan_triton.set_configs(forward=forward, backward=backward)
@@ -472,7 +469,7 @@ def run_scan(args, device: torch.device) -> Dict[str, object]:
         scan_triton.set_configs(*saved)
     if device.type == 'cuda':
         results['copy_GBps'] = copy_bandwidth(device)
-        names = args.scan_configs or list(scan_config_candidates())
+        names = args.scan_configs or list(MEASURED_SCAN_CONFIGS)
         results['timings'] = {}
         for length in args.scan_lengths:
             results['timings'][str(length)] = time_scan_configs(device, length, names, args.warmup, args.repeats)
@@ -756,7 +753,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--low-memory', action='store_true',
                         help='DVMSR inference recomputes conv1d instead of storing it (dvmsr_arch.ops.low_memory_inference)')
     parser.add_argument('--cuda-graph', action='store_true', help='report: time CUDA-graph replays of each forward')
-    parser.add_argument('--scan-config', help='Triton scan kernel shape by name (see scan_config_candidates)')
+    parser.add_argument('--scan-config', help='Triton scan kernel shape by name, e.g. lanes_t4_e64_c32_w2_p8 (see scan_config)')
     parser.add_argument('--backward-config', help='Triton backward kernel shape by name (same names)')
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--repeats', type=int, default=20)
@@ -764,7 +761,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--flops-size', default='256x256', help='LR size for FLOPs and activations')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--scan-lengths', type=int, nargs='+', default=[339 * 510])
-    parser.add_argument('--scan-configs', nargs='*', help='kernel shapes to time (default: all candidates)')
+    parser.add_argument('--scan-configs', nargs='*', help='kernel shapes to time (default: MEASURED_SCAN_CONFIGS)')
     parser.add_argument('--check-configs', nargs='*', default=['lanes_t8_e32_c32_w1', 'assoc_t8_e32_c32_w4'],
                         help='kernel shapes checked against float64 as forward and backward, besides the configured pair '
                              '("none": no check at all, timings only)')
@@ -795,11 +792,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     for flag, key in (('--scan-config', 'forward'), ('--backward-config', 'backward')):
         name = getattr(args, flag[2:].replace('-', '_'))
         if name:
-            candidates = scan_config_candidates()
-            if name not in candidates:
-                raise SystemExit(f'{flag} {name!r}: one of {", ".join(candidates)}')
+            try:
+                config = scan_config(name)
+            except ValueError as error:
+                raise SystemExit(f'{flag}: {error}')
             from dvmsr_arch.ops import scan_triton
-            scan_triton.set_configs(**{key: candidates[name]})
+            scan_triton.set_configs(**{key: config})
+    for name in (args.scan_configs or []) + [n for n in args.check_configs if n not in ('none', 'configured')]:
+        try:
+            scan_config(name)  # a misspelt shape fails here, before any timing
+        except ValueError as error:
+            raise SystemExit(f'--scan-configs/--check-configs: {error}')
 
     commands = ('report', 'scan', 'fidelity', 'train', 'profile') if args.command == 'all' else (args.command,)
     failures = 0

@@ -366,6 +366,43 @@ def test_triton_backend_is_cuda_only_without_interpreter(monkeypatch):
         resolve_backend('triton', 'cpu')
 
 
+@pytest.mark.parametrize('n_tiles', [100, 4099, 43223, 691560, 1 << 20])
+@pytest.mark.parametrize('programs_per_chunk', [1, 2, 128])
+@pytest.mark.parametrize('resident', [264, 792, 1056])
+def test_whole_wave_chunks(n_tiles, programs_per_chunk, resident):
+    from dvmsr_arch.ops.scan_triton import _cdiv, _whole_wave_tiles
+
+    def waves_times_tiles(t):  # how long a pass takes, in tiles walked one after another
+        return _cdiv(_cdiv(n_tiles, t) * programs_per_chunk, resident) * t
+    configured = 32
+    tiles = _whole_wave_tiles(n_tiles, configured, programs_per_chunk, resident)
+    assert configured <= tiles <= 2 * configured
+    assert waves_times_tiles(tiles) <= waves_times_tiles(configured)
+    if _cdiv(n_tiles, configured) * programs_per_chunk <= resident:  # less than a wave: nothing to gain
+        assert tiles == configured
+
+
+def test_whole_wave_chunks_at_lr_339x510_on_an_h100():
+    # 172,890 tokens in tiles of 4, two programs per chunk (120 channels, 64 per program), 132 SMs
+    # holding 8 programs each: 41 tiles a chunk, 1,055 chunks, 2,110 programs in two waves of 1,056.
+    from dvmsr_arch.ops.scan_triton import _whole_wave_tiles
+    assert _whole_wave_tiles(43223, 32, 2, 132 * 8) == 41
+
+
+def test_scan_config_names():
+    from benchmark import MEASURED_SCAN_CONFIGS, scan_config
+    from dvmsr_arch.ops.scan_triton import FORWARD_CONFIG, ScanConfig
+    assert scan_config('lanes_t4_e64_c32_w2_p8_waves') == FORWARD_CONFIG
+    assert scan_config('lanes_t4_e64_c41_w2_p8_s80_o112') == ScanConfig(
+        tile=4, block_e=64, tiles_per_chunk=41, num_warps=2, sequential=True, prefetch=8, summary_registers=80,
+        output_registers=112)
+    assert not scan_config('assoc_t8_e32_c32_w4').sequential
+    assert all(isinstance(scan_config(name), ScanConfig) for name in MEASURED_SCAN_CONFIGS)
+    for bad in ('lanes_t4_e64', 'assoc_t8_e32_c32_w4_p8', 'lanes_t4_e64_c32_w2_waves_p8'):
+        with pytest.raises(ValueError, match='scan kernel shape|lanes kernels only'):
+            scan_config(bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason='needs a CUDA GPU')
 def test_scan_on_gpu_matches_float64_ref():
     from benchmark import check_scan

@@ -25,13 +25,21 @@ class ScanConfig:
     ``sequential``: the kernels give each thread one channel and step through a tile token by
     token, its N states in registers, instead of scanning the tile as a (T, E, N) block.
     ``prefetch`` (lane-per-channel kernels only): tokens ahead whose inputs the kernels ask the L2
-    for as they go (in the backward's gradient kernel, rounded to whole tiles); 0 asks for none."""
+    for as they go (in the backward's gradient kernel, rounded to whole tiles); 0 asks for none.
+    ``summary_registers`` and ``output_registers`` cap the registers per thread of the summary pass
+    and of the output pass (in the backward: of the gradients kernel), so more warps fit on an SM;
+    0 leaves the count to the compiler. ``whole_waves`` (forward, on a GPU): lengthen the chunks, by
+    less than twice, so that the programs of a pass fill whole waves of the GPU (see
+    ``_whole_wave_tiles``)."""
     tile: int = 16
     block_e: int = 32
     tiles_per_chunk: int = 16
     num_warps: int = 4
     sequential: bool = False
     prefetch: int = 0
+    summary_registers: int = 0
+    output_registers: int = 0
+    whole_waves: bool = False
 
 
 # The shapes measured and checked against float64 on a GPU (docs/performance.md). Forward: the
@@ -40,8 +48,11 @@ class ScanConfig:
 # tiles of 4 tokens (the fastest training step of a sweep; the (T, E, N) block kernels took twice
 # as long). Under autograd the forward pass runs with the backward's tile, because the backward
 # restarts from the states saved at every tile start. Both prefetch 8 tokens ahead: without it the
-# kernels spent most of their stalls waiting on those loads.
-FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True, prefetch=8)
+# kernels spent most of their stalls waiting on those loads. The forward lengthens its chunks to fill
+# whole waves of the GPU: at LR 339x510 on an H100 that took its two passes from 220 + 149 to 197 +
+# 133 us per call.
+FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True, prefetch=8,
+                            whole_waves=True)
 BACKWARD_CONFIG = ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, sequential=True, prefetch=8)
 CARRY_BLOCK_CHUNKS = 256
 CARRY_BLOCK_STATES = 16
@@ -85,6 +96,53 @@ def _carry_block(n_chunks: int) -> int:
     # there are (rounded up), so a short sequence does not scan mostly padding: at batch 64 and
     # 64x64 tokens (32 chunks) the kernel took 91 µs a call on an H100 at 256, about 33 at 32.
     return min(CARRY_BLOCK_CHUNKS, max(32, _pow2(n_chunks)))
+
+
+def _whole_wave_tiles(n_tiles: int, tiles: int, programs_per_chunk: int, resident: int) -> int:
+    """Tiles per chunk, from ``tiles`` to twice that, for which a pass ends soonest when the GPU
+    holds ``resident`` programs at once.
+
+    Every program of a pass has the same work, so they finish in waves, and a last wave that is
+    partly empty costs as long as a full one: the time goes as the number of waves times the tiles
+    a program walks. At LR 339x510 the default shape gives 2,702 programs, 2.56 waves of 1,056 on an
+    H100, so the last of three runs half empty; chunks of 41 tiles instead of 32 make it 2,110
+    programs, two full waves. Chunks only grow: fewer, longer ones also leave less to the carry.
+    """
+    def cost(t: int) -> int:
+        return _cdiv(_cdiv(n_tiles, t) * programs_per_chunk, resident) * t
+    return min(range(tiles, 2 * tiles + 1), key=cost)
+
+
+_resident = {}
+
+
+def _resident_programs(kernel, args: list, options: dict, device: torch.device) -> Optional[int]:
+    """How many programs of ``kernel``, compiled for these arguments, the GPU holds at once: the
+    limit that its registers, shared memory and warps set per SM, times the SMs. None where Triton
+    does not tell the register count. Kept per kernel, constexprs and device (the compiled kernel's
+    other specialisations, pointer alignment, hardly change it)."""
+    key = (kernel.fn.__qualname__, device, tuple(sorted(options.items())))
+    if key not in _resident:
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **options)
+            compiled._init_handles()
+            registers, shared, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+        except (AttributeError, TypeError):  # a Triton without these internals: keep the configured chunks
+            _resident[key] = None
+            return None
+        props = torch.cuda.get_device_properties(device)
+        registers_per_warp = -(-registers * 32 // 256) * 256  # allocated in units of 256 per warp
+        per_sm = min(props.max_threads_per_multi_processor // (32 * warps),
+                     props.regs_per_multiprocessor // max(1, registers_per_warp * warps))
+        if shared:
+            per_sm = min(per_sm, props.shared_memory_per_multiprocessor // shared)
+        _resident[key] = props.multi_processor_count * per_sm or None
+    return _resident[key]
+
+
+def _register_cap(registers: int) -> dict:
+    # Triton's launch option; left out when 0, so the compiler's own count stands.
+    return dict(maxnreg=registers) if registers else {}
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -140,23 +198,38 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     bias = delta_bias if delta_bias is not None else any_t
     lane_args = list(conv) if conv is not None else [any_t, any_t]  # conv weight, conv bias
 
+    output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
+    output_options = dict(HAS_D=D is not None, HAS_Z=z is not None, SAVE_STATES=save_states, **shapes,
+                          **_register_cap(cfg.output_registers))
+    states = torch.empty(batch, n_tiles, inner, state, **f32) if save_states else None
+
+    def output_args(n_chunks: int, tiles: int, carry_in: Tensor) -> list:
+        return [u, delta, w, bias, A, B, C, D if D is not None else any_t, z if z is not None else u, out, carry_in,
+                states if states is not None else any_t, *(lane_args if cfg.sequential else []), length, inner, state,
+                n_chunks, n_tiles, tiles, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
+                *(z if z is not None else u).stride(), *out.stride()]
+
+    tiles = cfg.tiles_per_chunk
+    if cfg.whole_waves and u.is_cuda and n_chunks > 1:
+        resident = _resident_programs(output, output_args(n_chunks, tiles, any_t), dict(output_options, HAS_CARRY=True),
+                                      u.device)
+        if resident:
+            tiles = _whole_wave_tiles(n_tiles, tiles, grid[1] * batch, resident)
+            n_chunks = _cdiv(n_tiles, tiles)
+            grid = (n_chunks, *grid[1:])
+
     carry_in = any_t
     if n_chunks > 1:
         decay, end_state = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
         summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
         summary[grid](u, delta, w, bias, A, B, decay, end_state, *(lane_args if cfg.sequential else []), length,
-                      inner, state, n_chunks, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), **shapes)
+                      inner, state, n_chunks, tiles, *u.stride(), *delta.stride(), *B.stride(), **shapes,
+                      **_register_cap(cfg.summary_registers))
         carry_in = torch.empty(batch, n_chunks, inner, state, **f32)
         k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
             decay, end_state, carry_in, n_chunks, inner * state, REVERSE=False, BLOCK_C=_carry_block(n_chunks),
             BLOCK_S=CARRY_BLOCK_STATES)
-    states = torch.empty(batch, n_tiles, inner, state, **f32) if save_states else None
-    output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
-    output[grid](u, delta, w, bias, A, B, C, D if D is not None else any_t, z if z is not None else u, out, carry_in,
-                 states if states is not None else any_t, *(lane_args if cfg.sequential else []), length, inner, state,
-                 n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
-                 *(z if z is not None else u).stride(), *out.stride(), HAS_D=D is not None, HAS_Z=z is not None,
-                 HAS_CARRY=n_chunks > 1, SAVE_STATES=save_states, **shapes)
+    output[grid](*output_args(n_chunks, tiles, carry_in), HAS_CARRY=n_chunks > 1, **output_options)
     return out, states
 
 
@@ -194,7 +267,7 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
         summary = k._bwd_chunk_summary_lanes if cfg.sequential else k._bwd_chunk_summary
         summary[grid](delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
                       cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
-                      HAS_Z=z is not None, **shapes, **lane_extra)
+                      HAS_Z=z is not None, **shapes, **lane_extra, **_register_cap(cfg.summary_registers))
         carry = torch.empty(batch, n_chunks, inner, state, **f32)
         k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
             decay, handed, carry, n_chunks, inner * state, REVERSE=True, BLOCK_C=_carry_block(n_chunks),
@@ -215,7 +288,8 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
                              ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch,
                              n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
                              *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None,
-                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes, **grads_extra)
+                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes, **grads_extra,
+                             **_register_cap(cfg.output_registers))
     dB = dB_part.sum(0).transpose(1, 2)
     dC = dC_part.sum(0).transpose(1, 2)
     dA = dA_part.sum((0, 1)).t()
