@@ -103,7 +103,8 @@ def fused_case():
     import torch.nn.functional as F
 
     from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens,
-                                             causal_conv1d_silu_tokens, layer_norm_linear_tokens, layer_norm_tokens)
+                                             causal_conv1d_silu_tokens, layer_norm_linear_tokens, layer_norm_tokens,
+                                             pixel_shuffle_image)
     result = {}
     # LayerNorm over 6 channels (BLOCK_C 8), rows not a multiple of the row block, strided input.
     x = torch.randn(2, 6, 37).transpose(1, 2).requires_grad_()
@@ -161,6 +162,16 @@ def fused_case():
     with poisoned_empty():
         out = add_bias_skip_(y, bias, skip)
     result['add_bias_skip'] = max_rel(y, ref) if out is y else float('inf')
+
+    # The upsampler's tail: bias, PixelShuffle and the mean in one pass, for each scale; channels-last
+    # input whose width (37) leaves a partial block.
+    for factor in (2, 3, 4):
+        y = torch.randn(2, 3 * factor**2, 5, 37).contiguous(memory_format=torch.channels_last)
+        bias, mean = torch.randn(3 * factor**2), torch.randn(1, 3, 1, 1)
+        ref = mean.double() + 0.5 * F.pixel_shuffle(y.double() + bias.double()[:, None, None], factor)
+        with poisoned_empty():
+            out = pixel_shuffle_image(y, bias, mean, 0.5, factor)
+        result[f'pixel_shuffle_image_x{factor}'] = max_rel(out, ref) if out.is_contiguous() else float('inf')
     return result
 
 
@@ -339,7 +350,7 @@ def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
 @needs_triton
 def test_layer_norm_and_causal_conv_kernels(interpreted):
     result = interpreted['fused']
-    assert 'add_bias_skip' in result
+    assert {'add_bias_skip', 'pixel_shuffle_image_x2', 'pixel_shuffle_image_x3', 'pixel_shuffle_image_x4'} <= set(result)
     assert max(result.values()) < TOL, result
 
 

@@ -15,7 +15,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
 from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
-                                        layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled)
+                                        layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled,
+                                        pixel_shuffle_image)
 from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -491,23 +492,29 @@ class DVMSR(nn.Module):
         if _autocast_enabled(x.device.type):
             # The last convolutions set the output pixels directly: under autocast they stay in fp32.
             with torch.autocast(x.device.type, enabled=False):
-                out = self._reconstruct(body.float())
+                out = self._reconstruct(body.float(), fused)
         else:
-            out = self._reconstruct(body)
-        out = torch.add(self.mean, out, alpha=1.0 / self.img_range)  # one pass over the SR image
+            out = self._reconstruct(body, fused)
         return out, {'rssb': [tokens_to_images(t, size) for t in rssb],
                      'body': body[:, :self.conv_after_body.out_channels]}
 
-    def _reconstruct(self, body: Tensor) -> Tensor:
-        """The upsampler; ``body`` may carry zero channels after the C (see ``_run``)."""
+    def _reconstruct(self, body: Tensor, fused: bool) -> Tensor:
+        """The upsampler and the mean: the SR image. ``body`` may carry zero channels after the C
+        (see ``_run``); ``fused`` inference adds the last convolution's bias and the mean inside
+        the pixel shuffle's pass (one pass over the SR image instead of three)."""
         head = self.conv_before_upsample if self.upsampler == 'pixelshuffle' else self.upsample
-        if body.shape[1] == head[0].in_channels:
+        conv = head[0]
+        recording = torch.is_grad_enabled() and (body.requires_grad or conv.weight.requires_grad)
+        if fused and not recording and self.upsampler == 'pixelshuffledirect' and conv.bias is not None:
+            return pixel_shuffle_image(conv_on_padded(conv, body, None), conv.bias, self.mean, 1.0 / self.img_range,
+                                       self.upscale)
+        if body.shape[1] == conv.in_channels:
             x = head(body)  # through the modules, so that hooks (activation counts) see the conv
         else:
-            x = head[1:](conv_on_padded(head[0], body, head[0].bias))
+            x = head[1:](conv_on_padded(conv, body, conv.bias))
         if self.upsampler == 'pixelshuffle':
-            return self.conv_last(self.upsample(x))
-        return x
+            x = self.conv_last(self.upsample(x))
+        return torch.add(self.mean, x, alpha=1.0 / self.img_range)  # one pass over the SR image
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, keep_features=False)[0]

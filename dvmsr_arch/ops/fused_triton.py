@@ -22,6 +22,7 @@ CONV_LINEAR_WARPS = 8
 CONV_BLOCK_L = 64
 CONV_BLOCK_E = 32
 ADD_BLOCK_ROWS = 64
+SHUFFLE_BLOCK_W = 32
 
 
 _low_memory = False
@@ -207,3 +208,25 @@ def add_bias_skip_(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
                                                              *skip.stride(), BLOCK_R=ADD_BLOCK_ROWS,
                                                              BLOCK_C=_pow2(channels))
     return y
+
+
+def pixel_shuffle_image(y: Tensor, bias: Tensor, mean: Tensor, scale: float, factor: int) -> Tensor:
+    """``mean + scale * pixel_shuffle(y + bias, factor)`` in one pass, for inference: y (batch, K, H, W)
+    of any strides (a convolution's output, channels-last typically) before its bias (K), mean
+    (K / factor², one value per output channel). Returns a new contiguous (batch, K / factor²,
+    H·factor, W·factor) image in y's dtype.
+
+    The upsampler's tail was three passes over the SR image: the convolution's bias, PixelShuffle's
+    copy and the mean; this is one.
+    """
+    batch, channels, height, width = y.shape
+    out_channels = channels // factor**2
+    if out_channels * factor**2 != channels or bias.shape != (channels,) or mean.numel() != out_channels:
+        raise ValueError(f'pixel_shuffle_image: y {tuple(y.shape)}, bias {tuple(bias.shape)}, mean '
+                         f'{tuple(mean.shape)}, factor {factor}')
+    out = torch.empty(batch, out_channels, height * factor, width * factor, device=y.device, dtype=y.dtype)
+    grid = (batch * height, _cdiv(width, SHUFFLE_BLOCK_W))
+    _kernels()._pixel_shuffle_image[grid](y, bias, mean.reshape(-1), out, height, width, channels, y.stride(0),
+                                          y.stride(1), y.stride(2), y.stride(3), scale, R=factor,
+                                          BLOCK_W=SHUFFLE_BLOCK_W, BLOCK_K=_pow2(channels))
+    return out

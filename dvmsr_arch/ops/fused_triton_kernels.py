@@ -201,3 +201,25 @@ def _add_bias_skip(y_ptr, b_ptr, s_ptr, rows, L, C, s_yb, s_yl, s_yc, s_sb, s_sl
     skip = tl.load(s_ptr + (rb * s_sb + rl * s_sl)[:, None] + c[None, :] * s_sc, mask=mask, other=0.0).to(tl.float32)
     y += skip + tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=['H', 'W', 's_yb', 's_yh', 's_yw'])
+def _pixel_shuffle_image(y_ptr, b_ptr, m_ptr, out_ptr, H, W, K, s_yb, s_yk, s_yh, s_yw, scale, R: tl.constexpr,
+                         BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b, c, hR + i, wR + j] = mean[c] + scale * (y[b, k, h, w] + bias[k]), k = cR² + iR + j: a
+    convolution's output without its bias, through PixelShuffle(R), back in the image range. One
+    program per input row block; out is (batch, K / R², HR, WR) contiguous."""
+    row = tl.program_id(0)
+    b = (row // H).to(tl.int64)
+    h = row % H
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    k = tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    mask = (w < W)[:, None] & k_mask[None, :]
+    y = tl.load(y_ptr + b * s_yb + h * s_yh + w[:, None] * s_yw + k[None, :] * s_yk, mask=mask, other=0.0)
+    c = k // (R * R)
+    y = (y.to(tl.float32) + tl.load(b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]) * scale
+    y += tl.load(m_ptr + c, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    out_rows = (b * (K // (R * R)) + c) * (H * R) + h * R + (k // R) % R
+    offs = out_rows[None, :] * (W * R) + w[:, None] * R + (k % R)[None, :]
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
