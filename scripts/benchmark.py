@@ -134,6 +134,25 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repe
     return times
 
 
+def host_times(fn: Callable[[], object], device: torch.device, repeats: int) -> Optional[List[float]]:
+    """Milliseconds the CPU takes to issue each of ``repeats`` calls while the GPU is still busy with
+    a long kernel queued before it, so that no launch waits for the GPU. When this comes close to the
+    GPU time, a timing is bound by the CPU's launch overhead rather than by the kernels (and varies
+    with the host's load); a CUDA graph removes it. None off CUDA."""
+    if device.type != 'cuda' or not hasattr(torch.cuda, '_sleep'):
+        return None
+    clock_hz = 2e9  # a bound on the SM clock: the sleep below lasts at least 0.1 s
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        torch.cuda._sleep(int(0.1 * clock_hz))
+        start_s = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start_s) * 1e3)
+    synchronize(device)
+    return times
+
+
 def summary(times: Sequence[float]) -> Dict[str, float]:
     return {'median_ms': statistics.median(times), 'mean_ms': statistics.fmean(times), 'min_ms': min(times),
             'runs': len(times)}
@@ -256,10 +275,14 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
             with torch.inference_mode(), precision(args.precision, device):
                 forward = cuda_graph(net, x) if args.cuda_graph and device.type == 'cuda' else (lambda: net(x))
                 times = time_calls(forward, device, args.warmup, args.repeats)
+                host = host_times(forward, device, min(args.repeats, 5))
                 memory = peak_memory_mib(forward, device)
             per_input[label] = dict(summary(times), peak_memory_mib=memory, lr_size=list(x.shape[2:]))
+            if host is not None:
+                per_input[label]['host_median_ms'] = statistics.median(host)
             print(f'{name:6s} {label:>12s}  median {per_input[label]["median_ms"]:9.3f} ms'
-                  + (f'  peak {memory:8.1f} MiB' if memory is not None else ''), flush=True)
+                  + (f'  peak {memory:8.1f} MiB' if memory is not None else '')
+                  + (f'  host {per_input[label]["host_median_ms"]:7.3f} ms' if host is not None else ''), flush=True)
         entry['inputs'] = per_input
         entry['median_over_inputs_ms'] = statistics.median(v['median_ms'] for v in per_input.values())
         entry['mean_over_inputs_ms'] = statistics.fmean(v['mean_ms'] for v in per_input.values())
@@ -297,6 +320,11 @@ def report_markdown(results: Dict[str, object]) -> str:
         lines.append(f'| {label} | {entry["parameters"]:,} | ' + ' | '.join(cells)
                      + f' | {"n/a" if memory is None else f"{memory:.0f}"} | {flops} | '
                      + ('n/a' if activations is None else f'{activations / 1e6:.1f}') + ' |')
+    host = [f'{name} ' + ', '.join(f'{entry["inputs"][label]["host_median_ms"]:.2f} ({label})' for label in labels)
+            for name, entry in results['models'].items() if 'host_median_ms' in entry['inputs'][labels[0]]]
+    if host:
+        lines += ['', 'CPU time to issue one forward, ms (median of up to 5, the GPU kept busy; a time close to '
+                  'the one above is bound by launch overhead): ' + '; '.join(host) + '.']
     return '\n'.join(lines) + '\n'
 
 
