@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import os
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -123,15 +123,16 @@ def _whole_wave_tiles(n_tiles: int, tiles: int, programs_per_chunk: int, residen
 _resident = {}
 
 
-def _resident_programs(kernel, args: list, options: dict, device: torch.device) -> Optional[int]:
+def _resident_programs(kernel, args: Callable[[], list], options: dict, device: torch.device) -> Optional[int]:
     """How many programs of ``kernel``, compiled for these arguments, the GPU holds at once: the
     limit that its registers, shared memory and warps set per SM, times the SMs. None where Triton
     does not tell the register count. Kept per kernel, constexprs and device (the compiled kernel's
-    other specialisations, pointer alignment, hardly change it)."""
+    other specialisations, pointer alignment, hardly change it); ``args()`` gives the arguments to
+    compile it for, asked only the first time."""
     key = (kernel.fn.__qualname__, device, tuple(sorted(options.items())))
     if key not in _resident:
         try:
-            compiled = kernel.warmup(*args, grid=(1,), **options)
+            compiled = kernel.warmup(*args(), grid=(1,), **options)
             compiled._init_handles()
             registers, shared, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
         except (AttributeError, TypeError):  # a Triton without these internals: keep the configured chunks
@@ -218,8 +219,8 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
 
     tiles = cfg.tiles_per_chunk
     if cfg.whole_waves and u.is_cuda and n_chunks > 1:
-        resident = _resident_programs(output, output_args(n_chunks, tiles, any_t), dict(output_options, HAS_CARRY=True),
-                                      u.device)
+        resident = _resident_programs(output, lambda: output_args(n_chunks, tiles, any_t),
+                                      dict(output_options, HAS_CARRY=True), u.device)
         if resident:
             tiles = _whole_wave_tiles(n_tiles, tiles, grid[1] * batch, resident)
             n_chunks = _cdiv(n_tiles, tiles)
