@@ -44,9 +44,21 @@ def _affine_combine(a_left, b_left, a_right, b_right):
 
 
 @triton.jit
+def _log2_approx(x):
+    # lg2.approx: one special-function instruction, where tl.log2 is libdevice's accurate log2, about
+    # 15 instructions of polynomial. Its absolute error (about 2**-22 for softplus's 1 + e**x) stays
+    # far below the fp32 target (docs/performance.md, 8d). The interpreter has no PTX: accurate there.
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise('lg2.approx.f32 $0, $1;', '=r,r', [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def _softplus(x):
     # torch.nn.functional.softplus with its threshold of 20.
-    return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(tl.minimum(x, 20.0) * LOG2E)) * LN2)
+    return tl.where(x > 20.0, x, _log2_approx(1.0 + tl.exp2(tl.minimum(x, 20.0) * LOG2E)) * LN2)
 
 
 @triton.jit
