@@ -32,8 +32,8 @@ _low_memory = False
 def low_memory_inference(enabled: bool = True) -> Iterator[None]:
     """Inside this context, DVMSR's Triton inference path stores less: conv1d's output is
     recomputed inside x_proj's kernel and inside the scan instead of being kept, and the scan writes
-    its output over z. Measured on an H100 at LR 339x510 (docs/benchmarks.md): peak memory 371 MiB
-    instead of 450, time 6.97 ms instead of 6.39. Training and other backends are unaffected."""
+    its output over z. Measured on an H100 at LR 339x510 (docs/benchmarks.md): peak memory 364 MiB
+    instead of 444, time 6.42 ms instead of 5.89. Training and other backends are unaffected."""
     global _low_memory
     saved, _low_memory = _low_memory, enabled
     try:
