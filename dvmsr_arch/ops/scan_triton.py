@@ -29,8 +29,8 @@ class ScanConfig:
     for as they go (in the backward's gradient kernel, rounded to whole tiles); 0 asks for none.
     ``summary_registers`` and ``output_registers`` cap the registers per thread of the summary pass
     and of the output pass (in the backward: of the gradients kernel), so more warps fit on an SM;
-    0 leaves the count to the compiler. ``whole_waves`` (forward, on a GPU): lengthen the chunks, by
-    less than twice, so that the programs of a pass fill whole waves of the GPU (see
+    0 leaves the count to the compiler. ``whole_waves`` (forward, on a GPU): lengthen the chunks, up
+    to twice, so that the programs of a pass fill whole waves of the GPU (see
     ``_whole_wave_tiles``)."""
     tile: int = 16
     block_e: int = 32
