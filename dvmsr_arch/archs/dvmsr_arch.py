@@ -168,7 +168,6 @@ class MambaMixer(nn.Module):
                 inner, d_state, d_conv, dt_rank)
         self.bidirectional = bidirectional
         self.out_proj = nn.Linear(inner, dim, bias=False)
-        self._padded_weight_cache: Optional[Tuple[tuple, Tensor]] = None
 
     def _scan(self, x: Tensor, z: Tensor, conv1d: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor,
               D: Tensor, backend: str) -> Tensor:
@@ -251,17 +250,11 @@ class MambaMixer(nn.Module):
         return rows[..., :rank], rows[..., rank + pad:rank + pad + state], rows[..., rank + pad + state:]
 
     def _padded_x_proj_weight(self, pad: int, dtype: torch.dtype) -> Tensor:
-        """x_proj's weight with ``pad`` zero rows after dt's, in ``dtype``; rebuilt only when the
-        weight changes (its version counter moves with every in-place update), so inference does not
-        pay a concatenation and a cast in every ViMM call."""
+        """x_proj's weight with ``pad`` zero rows after dt's, in ``dtype``, kept as a ``derived_tensor``
+        so that inference does not pay a concatenation and a cast in every ViMM call."""
         weight = self.x_proj.weight
-        key = (weight.data_ptr(), weight._version, pad, dtype)
-        if self._padded_weight_cache is None or self._padded_weight_cache[0] != key:
-            with torch.no_grad():
-                padded = torch.cat([weight[:self.dt_rank], weight.new_zeros(pad, weight.shape[1]),
-                                    weight[self.dt_rank:]]).to(dtype)
-            self._padded_weight_cache = (key, padded)
-        return self._padded_weight_cache[1]
+        return derived_tensor(weight, ('x_proj_padded', pad, dtype), lambda: torch.cat(
+            [weight[:self.dt_rank], weight.new_zeros(pad, weight.shape[1]), weight[self.dt_rank:]]).to(dtype))
 
     def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm],
                            out_dtype: Optional[torch.dtype] = None) -> Tensor:
