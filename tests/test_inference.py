@@ -13,6 +13,7 @@ from basicsr.metrics import calculate_psnr
 from basicsr.utils.registry import ARCH_REGISTRY
 from dvmsr_arch.archs.dvmsr_arch import DVMSR
 from dvmsr_arch.utils import imageio, tiling
+from dvmsr_arch.utils.graphs import CudaGraphInference
 from dvmsr_arch.utils.network import load_model, load_weights
 
 SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts'
@@ -106,6 +107,10 @@ def test_empty_folder_and_bad_arguments_are_one_line_errors(tiny_model, tmp_path
     assert error.startswith(f'error: {wrong}: does not fit DVMSR:') and 'shape mismatches' in error
     assert error.count('\n') == 1
 
+    assert cli.main(['-i', str(empty), '-o', str(tmp_path / 'out'), '--opt', str(options),
+                     '--model-path', str(checkpoint), '--device', 'cpu', '--cuda-graph']) == 2
+    assert capsys.readouterr().err == 'error: --cuda-graph needs a CUDA device\n'
+
 
 def test_params_ema_is_preferred(tiny_model, tmp_path):
     net, _, _ = tiny_model
@@ -180,3 +185,33 @@ def test_exported_student_matches_eager():
     exported = torch.export.export(net, (image,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(image), net(image), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_inference_runs_cpu_inputs_eagerly(tiny_model):
+    net, _, _ = tiny_model
+    image = torch.rand(1, 3, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(CudaGraphInference(net)(image), net(image), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='max_graphs=0'):
+        CudaGraphInference(net, max_graphs=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU')
+def test_cuda_graph_tiles_match_eager(tiny_model):
+    """Tiles of three shapes replayed out of capture order through one shared pool, with one graph
+    dropped and captured again (max_graphs=2): every result equals the eager forward's, and an
+    earlier result is untouched by later replays."""
+    net, _, _ = tiny_model
+    net = net.cuda()
+    graphed = CudaGraphInference(net, max_graphs=2)
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 45, 38)
+    with torch.no_grad():
+        eager = tiling.upscale(net, image, scale=4, tile=16, tile_pad=4, device=torch.device('cuda'))
+        first = tiling.upscale(graphed, image, scale=4, tile=16, tile_pad=4, device=torch.device('cuda'))
+        kept = graphed(image[..., :20, :20].cuda())
+        again = tiling.upscale(graphed, image, scale=4, tile=16, tile_pad=4, device=torch.device('cuda'))
+        torch.testing.assert_close(kept, net(image[..., :20, :20].cuda()), rtol=0, atol=0)
+    assert len(graphed._graphs) == 2
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
