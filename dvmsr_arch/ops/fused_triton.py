@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from .launch import launch
 from .scan_triton import _cdiv, _pow2
 
 LN_BLOCK_ROWS = 32
@@ -58,7 +59,7 @@ def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, sav
     rows = batch * length
     y = torch.empty(batch, length, width, device=x.device, dtype=x.dtype)
     stats = [torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2)] if save_stats else [y, y]
-    _kernels()._layer_norm_fwd[(_cdiv(rows, LN_BLOCK_ROWS),)](
+    launch(_kernels()._layer_norm_fwd, (_cdiv(rows, LN_BLOCK_ROWS),),
         x, weight, bias, y, stats[0], stats[1], rows, length, channels, width, *x.stride(), *y.stride(), eps,
         BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(width), SAVE_STATS=save_stats)
     return y, stats
@@ -81,9 +82,8 @@ class _LayerNorm(torch.autograd.Function):
         programs = _cdiv(rows, LN_BLOCK_ROWS)
         dx = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
         dw_part, db_part = (torch.empty(programs, channels, device=x.device, dtype=torch.float32) for _ in range(2))
-        _kernels()._layer_norm_bwd[(programs,)](x, weight, dy, mean, rstd, dx, dw_part, db_part, rows, length, channels,
-                                                *x.stride(), *dy.stride(), BLOCK_R=LN_BLOCK_ROWS,
-                                                BLOCK_C=_pow2(channels))
+        launch(_kernels()._layer_norm_bwd, (programs,), x, weight, dy, mean, rstd, dx, dw_part, db_part, rows, length,
+               channels, *x.stride(), *dy.stride(), BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(channels))
         return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None, None
 
 
@@ -112,7 +112,7 @@ def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, 
     out_features = weight.shape[0]
     rows = batch * length
     y = torch.empty(batch, length, out_features, device=x.device, dtype=out_dtype or x.dtype)
-    _kernels()._layer_norm_linear_fwd[(_cdiv(rows, LN_LINEAR_BLOCK_ROWS),)](
+    launch(_kernels()._layer_norm_linear_fwd, (_cdiv(rows, LN_LINEAR_BLOCK_ROWS),),
         x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, out_features, *x.stride(), eps,
         BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)), BLOCK_O=LN_LINEAR_BLOCK_OUT,
         TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=LN_LINEAR_WARPS)
@@ -131,7 +131,7 @@ def causal_conv1d_silu_linear_tokens(x: Tensor, conv_weight: Tensor, conv_bias: 
     batch, length, inner = x.shape
     out_features = weight.shape[0]
     y = torch.empty(batch, length, out_features, device=x.device, dtype=x.dtype)
-    _kernels()._causal_conv_silu_linear_fwd[(_cdiv(length, CONV_LINEAR_BLOCK_L), batch)](
+    launch(_kernels()._causal_conv_silu_linear_fwd, (_cdiv(length, CONV_LINEAR_BLOCK_L), batch),
         x, conv_weight.contiguous(), conv_bias if conv_bias is not None else conv_weight, weight.contiguous(), y, length,
         inner, out_features, *x.stride(), K=conv_weight.shape[-1], BLOCK_L=CONV_LINEAR_BLOCK_L,
         BLOCK_E=max(16, _pow2(inner)), BLOCK_O=max(16, min(64, _pow2(out_features))), HAS_BIAS=conv_bias is not None,
@@ -161,12 +161,12 @@ class _CausalConvSilu(torch.autograd.Function):
         dw_part = torch.empty(batch * grid[0], inner, kernel, **f32)
         db_part = torch.empty(batch * grid[0], inner, **f32)
         k = _kernels()
-        k._causal_conv_silu_bwd_pre[grid](x, weight, bias if bias is not None else weight, dy, gpre, dw_part, db_part,
-                                          length, inner, grid[0], *x.stride(), *dy.stride(), K=kernel,
-                                          BLOCK_L=CONV_BLOCK_L, BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
+        launch(k._causal_conv_silu_bwd_pre, grid, x, weight, bias if bias is not None else weight, dy, gpre, dw_part,
+               db_part, length, inner, grid[0], *x.stride(), *dy.stride(), K=kernel, BLOCK_L=CONV_BLOCK_L,
+               BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
         dx = torch.empty(batch, length, inner, **f32)
-        k._causal_conv_bwd_dx[grid](gpre, weight, dx, length, inner, K=kernel, BLOCK_L=CONV_BLOCK_L,
-                                    BLOCK_E=CONV_BLOCK_E)
+        launch(k._causal_conv_bwd_dx, grid, gpre, weight, dx, length, inner, K=kernel, BLOCK_L=CONV_BLOCK_L,
+               BLOCK_E=CONV_BLOCK_E)
         dweight = dw_part.sum(0).view_as(weight).to(weight.dtype)
         dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx.to(x.dtype), dweight, dbias
@@ -175,7 +175,7 @@ class _CausalConvSilu(torch.autograd.Function):
 def _causal_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     batch, length, inner = x.shape
     y = torch.empty(batch, length, inner, device=x.device, dtype=x.dtype)
-    _kernels()._causal_conv_silu_fwd[_conv_grid(batch, length, inner)](
+    launch(_kernels()._causal_conv_silu_fwd, _conv_grid(batch, length, inner),
         x, weight, bias if bias is not None else weight, y, length, inner, *x.stride(), *y.stride(),
         K=weight.shape[-1], BLOCK_L=CONV_BLOCK_L, BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
     return y
@@ -204,9 +204,8 @@ def add_bias_skip_(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
     if skip.shape != y.shape or bias.shape != (channels,):
         raise ValueError(f'add_bias_skip_: y {tuple(y.shape)}, bias {tuple(bias.shape)}, skip {tuple(skip.shape)}')
     rows = batch * length
-    _kernels()._add_bias_skip[(_cdiv(rows, ADD_BLOCK_ROWS),)](y, bias, skip, rows, length, channels, *y.stride(),
-                                                             *skip.stride(), BLOCK_R=ADD_BLOCK_ROWS,
-                                                             BLOCK_C=_pow2(channels))
+    launch(_kernels()._add_bias_skip, (_cdiv(rows, ADD_BLOCK_ROWS),), y, bias, skip, rows, length, channels,
+           *y.stride(), *skip.stride(), BLOCK_R=ADD_BLOCK_ROWS, BLOCK_C=_pow2(channels))
     return y
 
 
@@ -226,7 +225,7 @@ def pixel_shuffle_image(y: Tensor, bias: Tensor, mean: Tensor, scale: float, fac
                          f'{tuple(mean.shape)}, factor {factor}')
     out = torch.empty(batch, out_channels, height * factor, width * factor, device=y.device, dtype=y.dtype)
     grid = (batch * height, _cdiv(width, SHUFFLE_BLOCK_W))
-    _kernels()._pixel_shuffle_image[grid](y, bias, mean.reshape(-1), out, height, width, channels, y.stride(0),
-                                          y.stride(1), y.stride(2), y.stride(3), scale, R=factor,
-                                          BLOCK_W=SHUFFLE_BLOCK_W, BLOCK_K=_pow2(channels))
+    launch(_kernels()._pixel_shuffle_image, grid, y, bias, mean.reshape(-1), out, height, width, channels,
+           y.stride(0), y.stride(1), y.stride(2), y.stride(3), scale, R=factor, BLOCK_W=SHUFFLE_BLOCK_W,
+           BLOCK_K=_pow2(channels))
     return out

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .launch import launch
+
 
 @dataclass(frozen=True)
 class ScanConfig:
@@ -230,14 +232,14 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     if n_chunks > 1:
         decay, end_state = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
         summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
-        summary[grid](u, delta, w, bias, A, B, decay, end_state, *(lane_args if cfg.sequential else []), length,
-                      inner, state, n_chunks, tiles, *u.stride(), *delta.stride(), *B.stride(), **shapes,
-                      **_register_cap(cfg.summary_registers))
+        launch(summary, grid, u, delta, w, bias, A, B, decay, end_state, *(lane_args if cfg.sequential else []),
+               length, inner, state, n_chunks, tiles, *u.stride(), *delta.stride(), *B.stride(), **shapes,
+               **_register_cap(cfg.summary_registers))
         carry_in = torch.empty(batch, n_chunks, inner, state, **f32)
-        k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
+        launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
             decay, end_state, carry_in, n_chunks, inner * state, REVERSE=False, BLOCK_C=_carry_block(n_chunks),
             BLOCK_S=CARRY_BLOCK_STATES)
-    output[grid](*output_args(n_chunks, tiles, carry_in), HAS_CARRY=n_chunks > 1, **output_options)
+    launch(output, grid, *output_args(n_chunks, tiles, carry_in), HAS_CARRY=n_chunks > 1, **output_options)
     return out, states
 
 
@@ -273,11 +275,11 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     if n_chunks > 1:
         decay, handed = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
         summary = k._bwd_chunk_summary_lanes if cfg.sequential else k._bwd_chunk_summary
-        summary[grid](delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
-                      cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
-                      HAS_Z=z is not None, **shapes, **lane_extra, **_register_cap(cfg.summary_registers))
+        launch(summary, grid, delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
+               cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
+               HAS_Z=z is not None, **shapes, **lane_extra, **_register_cap(cfg.summary_registers))
         carry = torch.empty(batch, n_chunks, inner, state, **f32)
-        k._chunk_carry[(_cdiv(inner * state, CARRY_BLOCK_STATES), batch)](
+        launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
             decay, handed, carry, n_chunks, inner * state, REVERSE=True, BLOCK_C=_carry_block(n_chunks),
             BLOCK_S=CARRY_BLOCK_STATES)
 
@@ -292,12 +294,11 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
     dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
     grads = k._bwd_chunk_grads_lanes if cfg.sequential else k._bwd_chunk_grads
-    grads[grid](u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
-                             ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch,
-                             n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(),
-                             *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None,
-                             HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes, **grads_extra,
-                             **_register_cap(cfg.output_registers))
+    launch(grads, grid, u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
+           ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch, n_chunks, n_tiles,
+           cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_or_u.stride(),
+           *dy.stride(), *du.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes,
+           **grads_extra, **_register_cap(cfg.output_registers))
     dB = dB_part.sum(0).transpose(1, 2)
     dC = dC_part.sum(0).transpose(1, 2)
     dA = dA_part.sum((0, 1)).t()

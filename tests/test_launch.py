@@ -1,0 +1,116 @@
+"""dvmsr_arch.ops.launch: which calls reach the compiled kernel directly, and with what arguments.
+
+A fake kernel stands in for Triton's (CI has no GPU): it records the calls that go through
+``kernel[grid](...)`` and those that reach the compiled kernel's launcher.
+"""
+import pytest
+import torch
+
+from dvmsr_arch.ops import launch as launch_module
+
+
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, so ``launch`` takes its CUDA path."""
+    is_cuda = True
+
+
+def on_cuda(tensor):
+    return torch.Tensor._make_subclass(OnCuda, tensor)
+
+
+def kernel_body(x_ptr, n, BLOCK, FLAG=7):
+    pass
+
+
+class FakeCompiled:
+    function, packed_metadata = 'function', 'metadata'
+
+    def __init__(self, log):
+        self.log = log
+
+    def _init_handles(self):
+        pass
+
+    def run(self, *call):
+        self.log.append(('direct', call))
+
+
+class FakeKernel:
+    fn = staticmethod(kernel_body)
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(('triton', grid, args, kwargs))
+            return FakeCompiled(self.log)
+        return run
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(launch_module, '_direct', {})
+    monkeypatch.setattr(launch_module, '_supported', True)
+    monkeypatch.setattr(launch_module, '_no_launch_hooks', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    monkeypatch.setattr(torch._C, '_cuda_getCurrentRawStream', lambda device: 1234, raising=False)
+
+
+def test_direct_call_after_the_first_launch(fake_cuda):
+    kernel = FakeKernel()
+    x = on_cuda(torch.zeros(64))
+    launch_module.launch(kernel, (5,), x, 64, BLOCK=32, num_warps=4)
+    launch_module.launch(kernel, (5,), x, 64, BLOCK=32, num_warps=4)
+    assert kernel.log[0] == ('triton', (5,), (x, 64), {'BLOCK': 32, 'num_warps': 4})
+    # grid padded to three axes, the current stream, no launch metadata or hooks, then every
+    # parameter in order: the runtime arguments, BLOCK from the keywords, FLAG's default; num_warps
+    # is a launch option, not a parameter.
+    assert kernel.log[1] == ('direct', (5, 1, 1, 1234, 'function', 'metadata', None, None, None, x, 64, 32, 7))
+    assert len(kernel.log) == 2
+
+
+def test_whatever_triton_specialises_on_goes_through_triton_again(fake_cuda):
+    kernel = FakeKernel()
+    storage = torch.zeros(64)
+    aligned, unaligned = on_cuda(storage[:32]), on_cuda(storage[1:33])  # 16-byte aligned, and 4 bytes past
+    calls = [((aligned, 64), {'BLOCK': 32}),
+             ((aligned, 64), {'BLOCK': 32}),  # the same: direct
+             ((aligned, 65), {'BLOCK': 32}),  # another integer value
+             ((unaligned, 64), {'BLOCK': 32}),  # another alignment
+             ((on_cuda(torch.zeros(64, dtype=torch.float16)), 64), {'BLOCK': 32}),  # another dtype
+             ((aligned, 64), {'BLOCK': 64}),  # another constexpr
+             ((aligned, 64), {'BLOCK': 32, 'FLAG': 1})]  # a default overridden
+    for args, kwargs in calls:
+        launch_module.launch(kernel, (1,), *args, **kwargs)
+    assert [entry[0] for entry in kernel.log] == ['triton', 'direct'] + ['triton'] * 5
+
+
+def test_cpu_tensors_and_other_triton_versions_take_tritons_path(fake_cuda, monkeypatch):
+    kernel = FakeKernel()
+    for _ in range(2):
+        launch_module.launch(kernel, (1,), torch.zeros(4), 4, BLOCK=4)
+    monkeypatch.setattr(launch_module, '_supported', False)
+    for _ in range(2):
+        launch_module.launch(kernel, (1,), on_cuda(torch.zeros(4)), 4, BLOCK=4)
+    assert [entry[0] for entry in kernel.log] == ['triton'] * 4
+
+
+def test_a_parameter_without_value_or_default_is_never_called_directly(fake_cuda):
+    kernel = FakeKernel()
+    x = on_cuda(torch.zeros(4))
+    for _ in range(2):
+        launch_module.launch(kernel, (1,), x, 4)  # BLOCK missing: Triton itself would refuse it
+    assert [entry[0] for entry in kernel.log] == ['triton', 'triton']
+
+
+def test_hooks_are_empty_chains_or_none(monkeypatch):
+    from types import SimpleNamespace
+    triton = pytest.importorskip('triton')
+    runtime = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=SimpleNamespace(calls=[]))
+    monkeypatch.setattr(triton, 'knobs', SimpleNamespace(runtime=runtime), raising=False)
+    assert launch_module._no_launch_hooks()
+    runtime.launch_exit_hook.calls.append(print)
+    assert not launch_module._no_launch_hooks()
+    runtime.launch_exit_hook = print  # a plain callable
+    assert not launch_module._no_launch_hooks()
