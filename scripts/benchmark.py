@@ -256,7 +256,8 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
         inputs = [(f'{h}x{w}', None) for h, w in map(parse_size, args.sizes)]
     results: Dict[str, object] = {'machine': machine_info(device), 'precision': args.precision,
                                   'scan_backend': args.scan_backend, 'channels_last': args.channels_last,
-                                  'cuda_graph': args.cuda_graph, 'scan_config': args.scan_config,
+                                  'cuda_graph': args.cuda_graph, 'triton_launch': args.triton_launch,
+                                  'scan_config': args.scan_config,
                                   'backward_config': args.backward_config,
                                   'warmup': args.warmup, 'repeats': args.repeats, 'models': {}}
     torch.manual_seed(0)
@@ -275,14 +276,15 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
             with torch.inference_mode(), precision(args.precision, device):
                 forward = cuda_graph(net, x) if args.cuda_graph and device.type == 'cuda' else (lambda: net(x))
                 times = time_calls(forward, device, args.warmup, args.repeats)
-                host = host_times(forward, device, min(args.repeats, 5))
+                host = host_times(forward, device, min(args.repeats, 10))
                 memory = peak_memory_mib(forward, device)
             per_input[label] = dict(summary(times), peak_memory_mib=memory, lr_size=list(x.shape[2:]))
             if host is not None:
-                per_input[label]['host_median_ms'] = statistics.median(host)
+                per_input[label].update(host_median_ms=statistics.median(host), host_min_ms=min(host))
             print(f'{name:6s} {label:>12s}  median {per_input[label]["median_ms"]:9.3f} ms'
                   + (f'  peak {memory:8.1f} MiB' if memory is not None else '')
-                  + (f'  host {per_input[label]["host_median_ms"]:7.3f} ms' if host is not None else ''), flush=True)
+                  + (f'  host {per_input[label]["host_median_ms"]:7.3f} ms (min {min(host):.3f})' if host is not None
+                     else ''), flush=True)
         entry['inputs'] = per_input
         entry['median_over_inputs_ms'] = statistics.median(v['median_ms'] for v in per_input.values())
         entry['mean_over_inputs_ms'] = statistics.fmean(v['mean_ms'] for v in per_input.values())
@@ -302,7 +304,8 @@ def report_markdown(results: Dict[str, object]) -> str:
     where = machine.get('gpu') or f'CPU ({machine["threads"]} threads)'
     labels = list(next(iter(results['models'].values()))['inputs'])
     lines = [f'Device: {where}; torch {machine["torch"]}, triton {machine.get("triton")}; precision '
-             f'{results["precision"]}; channels_last {results["channels_last"]}; CUDA graph {results["cuda_graph"]}; median of {results["repeats"]} '
+             f'{results["precision"]}; channels_last {results["channels_last"]}; CUDA graph {results["cuda_graph"]}; '
+             f'Triton launches {results.get("triton_launch", "jit")}; median of {results["repeats"]} '
              f'runs after {results["warmup"]} warm-up runs, forward only, batch 1.', '',
              '| model | params | ' + ' | '.join(f'{label} ms (x RLFN)' for label in labels)
              + ' | peak MiB (' + labels[min(1, len(labels) - 1)] + ') | FLOPs fvcore / full (G) | activations (M) |',
@@ -323,7 +326,7 @@ def report_markdown(results: Dict[str, object]) -> str:
     host = [f'{name} ' + ', '.join(f'{entry["inputs"][label]["host_median_ms"]:.2f} ({label})' for label in labels)
             for name, entry in results['models'].items() if 'host_median_ms' in entry['inputs'][labels[0]]]
     if host:
-        lines += ['', 'CPU time to issue one forward, ms (median of up to 5, the GPU kept busy; a time close to '
+        lines += ['', 'CPU time to issue one forward, ms (median of up to 10, the GPU kept busy; a time close to '
                   'the one above is bound by launch overhead): ' + '; '.join(host) + '.']
     return '\n'.join(lines) + '\n'
 
@@ -781,6 +784,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--low-memory', action='store_true',
                         help='DVMSR inference recomputes conv1d instead of storing it (dvmsr_arch.ops.low_memory_inference)')
     parser.add_argument('--cuda-graph', action='store_true', help='report: time CUDA-graph replays of each forward')
+    parser.add_argument('--triton-launch', default='direct', choices=('direct', 'jit'),
+                        help="how DVMSR's Triton kernels are launched: straight to the compiled kernel once "
+                        "compiled (direct, the default) or through Triton's JIT each time (see dvmsr_arch.ops.launch)")
     parser.add_argument('--scan-config', help='Triton scan kernel shape by name, e.g. lanes_t4_e64_c32_w2_p8 (see scan_config)')
     parser.add_argument('--backward-config', help='Triton backward kernel shape by name (same names)')
     parser.add_argument('--warmup', type=int, default=5)
@@ -832,6 +838,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ValueError as error:
             raise SystemExit(f'--scan-configs/--check-configs: {error}')
 
+    from dvmsr_arch.ops.launch import set_direct_launches
+    set_direct_launches(args.triton_launch == 'direct')
     commands = ('report', 'scan', 'fidelity', 'train', 'profile') if args.command == 'all' else (args.command,)
     failures = 0
     with low_memory_inference(args.low_memory):

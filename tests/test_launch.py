@@ -114,3 +114,18 @@ def test_hooks_are_empty_chains_or_none(monkeypatch):
     assert not launch_module._no_launch_hooks()
     runtime.launch_exit_hook = print  # a plain callable
     assert not launch_module._no_launch_hooks()
+
+
+def test_direct_launches_can_be_turned_off(fake_cuda):
+    kernel = FakeKernel()
+    x = on_cuda(torch.zeros(4))
+    try:
+        launch_module.set_direct_launches(False)
+        for _ in range(2):
+            launch_module.launch(kernel, (1,), x, 4, BLOCK=4)
+        launch_module.set_direct_launches(True)
+        for _ in range(2):
+            launch_module.launch(kernel, (1,), x, 4, BLOCK=4)
+    finally:
+        launch_module.set_direct_launches(True)
+    assert [entry[0] for entry in kernel.log] == ['triton', 'triton', 'triton', 'direct']

@@ -28,13 +28,21 @@ MAX_KEYS = 4096  # one per kernel, image size and call site in use; forgotten al
 _direct: Dict[Hashable, Optional[Tuple[Any, tuple]]] = {}  # None: this call goes through Triton each time
 _UNSEEN = object()
 _supported: Optional[bool] = None
+_enabled = True
+
+
+def set_direct_launches(enabled: bool) -> None:
+    """Allow the direct calls (the default) or send every launch through Triton's own path, as
+    ``benchmark.py report --triton-launch jit`` does to measure what they save."""
+    global _enabled
+    _enabled = enabled
 
 
 def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: positional arguments are the kernel's runtime arguments
     (in order, first), keyword arguments its constexprs and launch options (``num_warps``...)."""
     first = args[0]
-    if not (isinstance(first, Tensor) and first.is_cuda and _direct_supported()):
+    if not (_enabled and isinstance(first, Tensor) and first.is_cuda and _direct_supported()):
         kernel[grid](*args, **kwargs)
         return
     device = torch.cuda.current_device()  # where Triton launches, as its own path does
