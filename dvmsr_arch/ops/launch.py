@@ -1,10 +1,9 @@
 """Triton kernel launches with less CPU time per launch.
 
 ``kernel[grid](*args)`` binds and specialises every argument, looks the compiled kernel up and reads
-Triton's settings on each call: about 23 µs of CPU for a kernel of 40 arguments on the H100 host of
-docs/performance.md, where calling the compiled kernel itself takes 9 µs. An eager DVMSR forward
-makes 48 such launches, and at LR 339x510 and below the CPU needs about as long to issue a forward
-as the GPU needs to run it.
+Triton's settings on each call, in Python. An eager DVMSR forward makes 48 such launches, and at LR
+339x510 and below the CPU needed about as long to issue a forward as the GPU needs to run it
+(docs/performance.md, version 9: ``benchmark.py report --triton-launch jit`` measures that path).
 
 :func:`launch` goes through Triton the first time a call's arguments come, then calls the compiled
 kernel directly for calls that Triton would specialise the same way. What Triton specialises on is
