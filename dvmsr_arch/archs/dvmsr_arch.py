@@ -85,6 +85,19 @@ def conv_on_padded(conv: nn.Conv2d, x: Tensor, bias: Optional[Tensor], out_chann
     return conv._conv_forward(x, zero_padded(conv.weight, (out_channels, x.shape[1], *conv.kernel_size)), bias)
 
 
+def conv_any_width(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` with its bias, for an image that may carry zero channels after ``conv.in_channels``.
+    Through the module when it carries none, so that forward hooks (activation counts) see the call."""
+    if x.shape[1] == conv.in_channels:
+        return conv(x)
+    return conv_on_padded(conv, x, conv.bias)
+
+
+def records(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether autograd records ``conv`` applied to ``x``: then the fused inference passes stay off."""
+    return torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+
+
 def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip: Tensor, fused: bool,
                    out_width: Optional[int] = None) -> Tensor:
     """``conv`` applied to the tokens as an image, plus ``skip`` (tokens), as tokens.
@@ -96,11 +109,8 @@ def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip:
     with zero columns too. Under autograd the result is C wide.
     """
     x = tokens_to_images(tokens, size)
-    recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-    if not fused or recording or conv.bias is None:
-        if x.shape[1] == conv.in_channels:
-            return images_to_tokens(conv(x)) + skip
-        return images_to_tokens(conv_on_padded(conv, x, conv.bias)) + skip
+    if not fused or records(conv, x) or conv.bias is None:
+        return images_to_tokens(conv_any_width(conv, x)) + skip
     y = images_to_tokens(conv_on_padded(conv, x, None, out_width))
     if y.dtype != skip.dtype:
         return y[..., :conv.out_channels] + conv.bias + skip
@@ -497,14 +507,10 @@ class DVMSR(nn.Module):
         the pixel shuffle's pass (one pass over the SR image instead of three)."""
         head = self.conv_before_upsample if self.upsampler == 'pixelshuffle' else self.upsample
         conv = head[0]
-        recording = torch.is_grad_enabled() and (body.requires_grad or conv.weight.requires_grad)
-        if fused and not recording and self.upsampler == 'pixelshuffledirect' and conv.bias is not None:
+        if fused and not records(conv, body) and self.upsampler == 'pixelshuffledirect' and conv.bias is not None:
             return pixel_shuffle_image(conv_on_padded(conv, body, None), conv.bias, self.mean, 1.0 / self.img_range,
                                        self.upscale)
-        if body.shape[1] == conv.in_channels:
-            x = head(body)  # through the modules, so that hooks (activation counts) see the conv
-        else:
-            x = head[1:](conv_on_padded(conv, body, conv.bias))
+        x = head[1:](conv_any_width(conv, body))
         if self.upsampler == 'pixelshuffle':
             x = self.conv_last(self.upsample(x))
         return torch.add(self.mean, x, alpha=1.0 / self.img_range)  # one pass over the SR image
