@@ -51,9 +51,10 @@ class FakeKernel:
 @pytest.fixture
 def fake_cuda(monkeypatch):
     monkeypatch.setattr(launch_module, '_direct', {})
+    monkeypatch.setattr(launch_module, '_leading_tensors', {})
     monkeypatch.setattr(launch_module, '_supported', True)
     monkeypatch.setattr(launch_module, '_no_launch_hooks', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    monkeypatch.setattr(torch._C, '_cuda_getDevice', lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, '_cuda_getCurrentRawStream', lambda device: 1234, raising=False)
 
 
@@ -84,6 +85,27 @@ def test_whatever_triton_specialises_on_goes_through_triton_again(fake_cuda):
     for args, kwargs in calls:
         launch_module.launch(kernel, (1,), *args, **kwargs)
     assert [entry[0] for entry in kernel.log] == ['triton', 'direct'] + ['triton'] * 5
+
+
+def kernel_body_two(x_ptr, y_ptr, n, BLOCK):
+    pass
+
+
+def test_calls_that_break_tensors_then_scalars_take_tritons_path(fake_cuda):
+    """The key reads the leading tensors and takes the rest as scalars: a call where a tensor comes
+    after a scalar is never keyed (a key must hold no tensor), and one with a scalar where the
+    kernel had a tensor is keyed anew."""
+    kernel = FakeKernel()
+    kernel.fn = kernel_body_two
+    x, y = on_cuda(torch.zeros(4)), on_cuda(torch.zeros(4))
+    for _ in range(2):
+        launch_module.launch(kernel, (1,), x, 4, y, BLOCK=4)
+    assert not launch_module._direct
+    for args in [(x, y, 4)] * 2 + [(x, 0, 4)] * 2 + [(x, y, 4)] * 2:
+        launch_module.launch(kernel, (1,), *args, BLOCK=4)
+    assert [entry[0] for entry in kernel.log] == ['triton'] * 3 + ['direct'] + ['triton', 'direct'] * 2
+    assert kernel.log[-1][1][9:] == (x, y, 4, 4)
+    assert not any(isinstance(part, torch.Tensor) for key in launch_module._direct for part in key)
 
 
 def test_cpu_tensors_and_other_triton_versions_take_tritons_path(fake_cuda, monkeypatch):

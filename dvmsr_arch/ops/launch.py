@@ -8,7 +8,9 @@ Triton's settings on each call, in Python. An eager DVMSR forward makes 48 such 
 :func:`launch` goes through Triton the first time a call's arguments come, then calls the compiled
 kernel directly for calls that Triton would specialise the same way. What Triton specialises on is
 a function of the integer arguments' values and the tensors' dtypes and 16-byte alignment, so those
-(with the keyword arguments and the device) make the key.
+(with the keyword arguments and the device) make the key. Every kernel here takes its tensors first
+and its scalars after them, so the key takes the scalars as one slice and looks only at the leading
+tensors, which keeps building it cheap; a call that breaks that order takes Triton's path.
 
 The direct call depends on Triton's internal calling convention, so it is used only with the Triton
 versions it was checked with (``DIRECT_TRITON_VERSIONS``), for CUDA tensors, and for calls that
@@ -25,6 +27,7 @@ DIRECT_TRITON_VERSIONS = ('3.6',)
 MAX_KEYS = 4096  # one per kernel, image size and call site in use; forgotten all at once past this
 
 _direct: Dict[Hashable, Optional[Tuple[Any, tuple]]] = {}  # None: this call goes through Triton each time
+_leading_tensors: Dict[int, int] = {}  # id(kernel) -> how many of its positional arguments are tensors
 _UNSEEN = object()
 _supported: Optional[bool] = None
 _enabled = True
@@ -44,12 +47,18 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
     if not (_enabled and isinstance(first, Tensor) and first.is_cuda and _direct_supported()):
         kernel[grid](*args, **kwargs)
         return
-    device = torch.cuda.current_device()  # where Triton launches, as its own path does
-    key = (id(kernel), device, tuple(kwargs.items()),
-           *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else a for a in args])
-    entry = _direct.get(key, _UNSEEN)
+    device = torch._C._cuda_getDevice()  # where Triton launches (CUDA is initialised: a tensor is on it)
+    try:
+        key = _key(kernel, device, args, kwargs)
+        entry = _direct.get(key, _UNSEEN)
+    except AttributeError:  # a scalar where this kernel had a tensor
+        entry = _UNSEEN
     if entry is _UNSEEN:
         compiled = kernel[grid](*args, **kwargs)
+        leading = _count_leading_tensors(args)
+        if any(isinstance(a, Tensor) for a in args[leading:]):
+            return  # tensors after a scalar: never keyed (a key must not hold a tensor), Triton's path each time
+        _leading_tensors[id(kernel)] = leading
         constexprs = _trailing_arguments(kernel, len(args), kwargs)
         entry = None
         if constexprs is not None and _no_launch_hooks() and hasattr(compiled, '_init_handles'):
@@ -57,7 +66,7 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
             entry = (compiled, constexprs)
         if len(_direct) >= MAX_KEYS:
             _direct.clear()
-        _direct[key] = entry
+        _direct[_key(kernel, device, args, kwargs)] = entry
     elif entry is None:
         kernel[grid](*args, **kwargs)
     else:
@@ -66,6 +75,21 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
         # No launch metadata and no hooks: what Triton's launcher gets to do with empty hook chains.
         compiled.run(grid_x, grid_y, grid_z, torch._C._cuda_getCurrentRawStream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *constexprs)
+
+
+def _key(kernel, device: int, args: tuple, kwargs: Dict[str, Any]) -> tuple:
+    """What Triton's specialisation depends on: the scalars as they are, each leading tensor's dtype and
+    16-byte alignment. Raises AttributeError where a leading position holds no tensor."""
+    leading = _leading_tensors.get(id(kernel), 0)
+    return (id(kernel), device, leading, tuple(kwargs.items()), args[leading:],
+            *[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:leading]])
+
+
+def _count_leading_tensors(args: tuple) -> int:
+    for index, arg in enumerate(args):
+        if not isinstance(arg, Tensor):
+            return index
+    return len(args)
 
 
 def _trailing_arguments(kernel, given: int, kwargs: Dict[str, Any]) -> Optional[tuple]:
