@@ -65,9 +65,10 @@ def test_direct_call_after_the_first_launch(fake_cuda):
     launch_module.launch(kernel, (5,), x, 64, BLOCK=32, num_warps=4)
     assert kernel.log[0] == ('triton', (5,), (x, 64), {'BLOCK': 32, 'num_warps': 4})
     # grid padded to three axes, the current stream, no launch metadata or hooks, then every
-    # parameter in order: the runtime arguments, BLOCK from the keywords, FLAG's default; num_warps
-    # is a launch option, not a parameter.
-    assert kernel.log[1] == ('direct', (5, 1, 1, 1234, 'function', 'metadata', None, None, None, x, 64, 32, 7))
+    # parameter in order: the runtime arguments (the tensor as its address), BLOCK from the keywords,
+    # FLAG's default; num_warps is a launch option, not a parameter.
+    assert kernel.log[1] == ('direct', (5, 1, 1, 1234, 'function', 'metadata', None, None, None, x.data_ptr(), 64,
+                                        32, 7))
     assert len(kernel.log) == 2
 
 
@@ -104,8 +105,19 @@ def test_calls_that_break_tensors_then_scalars_take_tritons_path(fake_cuda):
     for args in [(x, y, 4)] * 2 + [(x, 0, 4)] * 2 + [(x, y, 4)] * 2:
         launch_module.launch(kernel, (1,), *args, BLOCK=4)
     assert [entry[0] for entry in kernel.log] == ['triton'] * 3 + ['direct'] + ['triton', 'direct'] * 2
-    assert kernel.log[-1][1][9:] == (x, y, 4, 4)
+    assert kernel.log[-1][1][9:] == (x.data_ptr(), y.data_ptr(), 4, 4)
     assert not any(isinstance(part, torch.Tensor) for key in launch_module._direct for part in key)
+
+
+def test_a_tensor_off_cuda_goes_through_tritons_checks(fake_cuda):
+    """Direct calls pass addresses, which the launcher does not check: a tensor that is not on CUDA
+    must make another key, so that Triton's path sees it."""
+    kernel = FakeKernel()
+    kernel.fn = kernel_body_two
+    x, y = on_cuda(torch.zeros(4)), on_cuda(torch.zeros(4))
+    for second in (y, y, torch.zeros(4)):
+        launch_module.launch(kernel, (1,), x, second, 4, BLOCK=4)
+    assert [entry[0] for entry in kernel.log] == ['triton', 'direct', 'triton']
 
 
 def test_cpu_tensors_and_other_triton_versions_take_tritons_path(fake_cuda, monkeypatch):

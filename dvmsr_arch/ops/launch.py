@@ -18,7 +18,7 @@ first came while no Triton launch hook was installed (a profiler that adds one l
 them); everything else takes Triton's own path.
 """
 import inspect
-from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
         return
     device = torch._C._cuda_getDevice()  # where Triton launches (CUDA is initialised: a tensor is on it)
     try:
-        key = _key(kernel, device, args, kwargs)
+        key, pointers = _key(kernel, device, args, kwargs)
         entry = _direct.get(key, _UNSEEN)
     except AttributeError:  # a scalar where this kernel had a tensor
         entry = _UNSEEN
@@ -66,23 +66,30 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
             entry = (compiled, constexprs)
         if len(_direct) >= MAX_KEYS:
             _direct.clear()
-        _direct[_key(kernel, device, args, kwargs)] = entry
+        _direct[_key(kernel, device, args, kwargs)[0]] = entry
     elif entry is None:
         kernel[grid](*args, **kwargs)
     else:
         compiled, constexprs = entry
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
         # No launch metadata and no hooks: what Triton's launcher gets to do with empty hook chains.
+        # The tensors go as their addresses, which the launcher takes as they are; given a tensor it
+        # would ask for its address and have the driver check it, which the first call with this key
+        # (on CUDA tensors, as the key says) did.
         compiled.run(grid_x, grid_y, grid_z, torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *constexprs)
+                     compiled.packed_metadata, None, None, None, *pointers, *args[len(pointers):], *constexprs)
 
 
-def _key(kernel, device: int, args: tuple, kwargs: Dict[str, Any]) -> tuple:
-    """What Triton's specialisation depends on: the scalars as they are, each leading tensor's dtype and
-    16-byte alignment. Raises AttributeError where a leading position holds no tensor."""
+def _key(kernel, device: int, args: tuple, kwargs: Dict[str, Any]) -> Tuple[tuple, List[int]]:
+    """What Triton's specialisation depends on: the scalars as they are, and each leading tensor's
+    dtype and 16-byte alignment (and that it is on CUDA); with the leading tensors' addresses. Raises
+    AttributeError where a leading position holds no tensor."""
     leading = _leading_tensors.get(id(kernel), 0)
-    return (id(kernel), device, leading, tuple(kwargs.items()), args[leading:],
-            *[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:leading]])
+    tensors = args[:leading]
+    pointers = [t.data_ptr() for t in tensors]
+    key = (id(kernel), device, leading, tuple(kwargs.items()), args[leading:],
+           *[(t.dtype, t.is_cuda) for t in tensors], *[p % 16 == 0 for p in pointers])
+    return key, pointers
 
 
 def _count_leading_tensors(args: tuple) -> int:
