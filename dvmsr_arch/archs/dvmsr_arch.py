@@ -213,15 +213,14 @@ class MambaMixer(nn.Module):
                 tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
             x_raw, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.split(inner))
         x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
+        u = x.transpose(1, 2)
         dt, B, C = self._x_proj_rows(x)
+        dt_weight, A = self._scan_weights(no_grad)
         # Without autograd the scan writes y over u (each lane reads u_t before it stores y_t): no
         # (B, L, E) buffer more, and out_proj reads contiguous rows, which cuBLAS takes faster than
         # the strided halves of xz.
-        out = x.transpose(1, 2) if no_grad else None
-        dt_weight, A = self._scan_weights(no_grad)
-        y = selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), dt_weight, A, B.transpose(1, 2),
-                                          C.transpose(1, 2), self.D.float(), z.transpose(1, 2),
-                                          self.dt_proj.bias.float(), delta_softplus=True, out=out)
+        y = selective_scan_lowrank_triton(u, dt, dt_weight, A, B, C, self.D, z.transpose(1, 2), self.dt_proj.bias,
+                                          delta_softplus=True, out=u if no_grad else None)
         # in_proj's output and x_proj's rows go before out_proj allocates its output.
         del x_raw, z, dt, B, C
         if no_grad:
@@ -246,7 +245,8 @@ class MambaMixer(nn.Module):
         return F.linear(y, zero_padded(weight, (out_width, weight.shape[1])))
 
     def _x_proj_rows(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """x_proj(x) split into (dt, B, C), (B, L, R) and (B, L, N) each.
+        """x_proj(x) split into (dt, B, C) as the scan takes them: (B, R, L) and (B, N, L) views of
+        token-major rows.
 
         fp32 rows [dt, B, C] start B and C on 16 bytes when R and N are multiples of 4, so the scan
         reads them with vector loads. For 2-byte activations in inference (autocast) dt is padded
@@ -255,9 +255,9 @@ class MambaMixer(nn.Module):
         rank, state = self.dt_rank, self.d_state
         pad = -rank % 8 if x.element_size() == 2 and not torch.is_grad_enabled() else 0
         if not pad:
-            return self.x_proj(x).split([rank, state, state], dim=-1)
-        rows = F.linear(x, self._padded_x_proj_weight(pad, x.dtype))
-        return rows[..., :rank], rows[..., rank + pad:rank + pad + state], rows[..., rank + pad + state:]
+            return self.x_proj(x).transpose(1, 2).split([rank, state, state], dim=1)
+        rows = F.linear(x, self._padded_x_proj_weight(pad, x.dtype)).transpose(1, 2)
+        return rows[:, :rank], rows[:, rank + pad:rank + pad + state], rows[:, rank + pad + state:]
 
     def _padded_x_proj_weight(self, pad: int, dtype: torch.dtype) -> Tensor:
         """x_proj's weight with ``pad`` zero rows after dt's, in ``dtype``, kept as a ``derived_tensor``

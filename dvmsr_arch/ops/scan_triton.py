@@ -66,6 +66,7 @@ def set_configs(forward: Optional[ScanConfig] = None, backward: Optional[ScanCon
     global FORWARD_CONFIG, BACKWARD_CONFIG
     FORWARD_CONFIG = forward or FORWARD_CONFIG
     BACKWARD_CONFIG = backward or BACKWARD_CONFIG
+    _forward_plans.clear()
 
 
 def why_unavailable(device: torch.device) -> Optional[str]:
@@ -171,6 +172,68 @@ def _rows_aligned(dt: Optional[Tensor], B: Tensor, C: Tensor, rank: int, state: 
                and t.stride(0) % 4 == 0 and t.stride(2) % 4 == 0 and t.data_ptr() % 16 == 0 for t in rows)
 
 
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """How a forward scan launches for one input geometry: grid, chunks and the kernels' constexprs.
+    Worked out once per geometry (``_forward_plan``), since an eager forward calls the scan eight
+    times with the same one and the host's time per call counts at small sizes."""
+    cfg: ScanConfig
+    grid: Tuple[int, int, int]
+    n_chunks: int
+    n_tiles: int
+    tiles: int
+    summary_options: dict
+    output_options: dict
+
+
+_forward_plans = {}
+MAX_PLANS = 256  # geometries in use at once; forgotten all at once past this
+
+
+def _forward_plan(u: Tensor, rank: int, state: int, aligned: bool, flags: tuple, save_states: bool,
+                  output_args: Callable[[int, int, int], list]) -> _ForwardPlan:
+    """``flags``: whether there are a delta bias, softplus, a conv, D and z. ``output_args(n_chunks,
+    n_tiles, tiles)`` gives the output kernel's arguments, asked only where the plan is new and the GPU's
+    capacity decides the chunk length (``_whole_wave_tiles``)."""
+    key = (u.shape, u.get_device(), rank, state, aligned, flags, save_states)
+    plan = _forward_plans.get(key)
+    if plan is not None:
+        return plan
+    has_bias, softplus, has_conv, has_D, has_z = flags
+    k = _kernels()
+    cfg = FORWARD_CONFIG
+    if save_states and cfg.tile != BACKWARD_CONFIG.tile:
+        chunk = cfg.tile * cfg.tiles_per_chunk
+        cfg = replace(cfg, tile=BACKWARD_CONFIG.tile, tiles_per_chunk=max(1, chunk // BACKWARD_CONFIG.tile))
+    if has_conv and not cfg.sequential:
+        raise ValueError('the scan applies a conv only with lane-per-channel forward kernels')
+    batch, inner, length = u.shape
+    n_tiles, tiles = _cdiv(length, cfg.tile), cfg.tiles_per_chunk
+    n_chunks = _cdiv(n_tiles, tiles)
+    shapes = dict(T=cfg.tile, BLOCK_E=cfg.block_e, BLOCK_N=_pow2(state), DT_RANK=rank, HAS_BIAS=has_bias,
+                  SOFTPLUS=softplus, num_warps=cfg.num_warps)
+    if cfg.sequential:
+        shapes.update(RANK_PAD=_pow2(max(rank, 1)), ALIGNED=aligned, CONV=has_conv, PREFETCH=cfg.prefetch)
+    output_options = dict(HAS_D=has_D, HAS_Z=has_z, SAVE_STATES=save_states, **shapes,
+                          **_register_cap(cfg.output_registers))
+    e_blocks = _cdiv(inner, cfg.block_e)
+    if cfg.whole_waves and u.is_cuda and n_chunks > 1:
+        output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
+        resident = _resident_programs(output, lambda: output_args(n_chunks, n_tiles, tiles),
+                                      dict(output_options, HAS_CARRY=True), u.device)
+        if resident:
+            tiles = _whole_wave_tiles(n_tiles, tiles, e_blocks * batch, resident)
+            n_chunks = _cdiv(n_tiles, tiles)
+    output_options['HAS_CARRY'] = n_chunks > 1
+    plan = _ForwardPlan(cfg=cfg, grid=(n_chunks, e_blocks, batch), n_chunks=n_chunks, n_tiles=n_tiles, tiles=tiles,
+                        summary_options=dict(shapes, **_register_cap(cfg.summary_registers)),
+                        output_options=output_options)
+    if len(_forward_plans) >= MAX_PLANS:
+        _forward_plans.clear()
+    _forward_plans[key] = plan
+    return plan
+
+
 def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
                   out: Optional[Tensor], save_states: bool, conv: Optional[Tuple[Tensor, Tensor]] = None
@@ -178,28 +241,13 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     """``conv``: (weight (E, 4), bias (E)) of a causal depthwise conv + SiLU that the kernels apply
     to u themselves (lane-per-channel kernels only)."""
     k = _kernels()
-    cfg = FORWARD_CONFIG
-    if save_states and cfg.tile != BACKWARD_CONFIG.tile:
-        chunk = cfg.tile * cfg.tiles_per_chunk
-        cfg = replace(cfg, tile=BACKWARD_CONFIG.tile, tiles_per_chunk=max(1, chunk // BACKWARD_CONFIG.tile))
     batch, inner, length = u.shape
     state = A.shape[1]
-    chunk = cfg.tile * cfg.tiles_per_chunk
-    n_chunks, n_tiles = _cdiv(length, chunk), _cdiv(length, cfg.tile)
-    grid = (n_chunks, _cdiv(inner, cfg.block_e), batch)
     rank = 0 if dt_weight is None else dt_weight.shape[1]
     if out is None:
         # Token-major output when the input is token-major: the out projection reads it as is.
         out = (torch.empty(batch, length, inner, device=u.device, dtype=u.dtype).transpose(1, 2)
                if u.stride(1) == 1 else torch.empty_like(u, memory_format=torch.contiguous_format))
-    shapes = dict(T=cfg.tile, BLOCK_E=cfg.block_e, BLOCK_N=_pow2(state), DT_RANK=rank, HAS_BIAS=delta_bias is not None,
-                  SOFTPLUS=softplus, num_warps=cfg.num_warps)
-    if cfg.sequential:
-        shapes.update(RANK_PAD=_pow2(max(rank, 1)), ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state),
-                      CONV=conv is not None, PREFETCH=cfg.prefetch)
-    elif conv is not None:
-        raise ValueError('the scan applies a conv only with lane-per-channel forward kernels')
-    f32 = dict(device=u.device, dtype=torch.float32)
     # The kernels keep every (E, N) array as (N, E) in memory and dt_proj's weight as (R, E): a
     # lane-per-channel kernel then reads consecutive channels.
     A = A.t().contiguous()
@@ -207,39 +255,35 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     w = dt_weight.t().contiguous() if dt_weight is not None else any_t
     bias = delta_bias if delta_bias is not None else any_t
     lane_args = list(conv) if conv is not None else [any_t, any_t]  # conv weight, conv bias
+    states = None
+    z_or_u = z if z is not None else u
+    strides = (*u.stride(), *delta.stride(), *B.stride())  # the summary pass's
 
-    output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
-    output_options = dict(HAS_D=D is not None, HAS_Z=z is not None, SAVE_STATES=save_states, **shapes,
-                          **_register_cap(cfg.output_registers))
-    states = torch.empty(batch, n_tiles, inner, state, **f32) if save_states else None
+    sequential = FORWARD_CONFIG.sequential
 
-    def output_args(n_chunks: int, tiles: int, carry_in: Tensor) -> list:
-        return [u, delta, w, bias, A, B, C, D if D is not None else any_t, z if z is not None else u, out, carry_in,
-                states if states is not None else any_t, *(lane_args if cfg.sequential else []), length, inner, state,
-                n_chunks, n_tiles, tiles, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
-                *(z if z is not None else u).stride(), *out.stride()]
+    def output_args(n_chunks: int, n_tiles: int, tiles: int, carry_in: Tensor = any_t) -> list:
+        return [u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, out, carry_in,
+                states if states is not None else any_t, *(lane_args if sequential else []), length, inner, state,
+                n_chunks, n_tiles, tiles, *strides, *C.stride(), *z_or_u.stride(), *out.stride()]
 
-    tiles = cfg.tiles_per_chunk
-    if cfg.whole_waves and u.is_cuda and n_chunks > 1:
-        resident = _resident_programs(output, lambda: output_args(n_chunks, tiles, any_t),
-                                      dict(output_options, HAS_CARRY=True), u.device)
-        if resident:
-            tiles = _whole_wave_tiles(n_tiles, tiles, grid[1] * batch, resident)
-            n_chunks = _cdiv(n_tiles, tiles)
-            grid = (n_chunks, *grid[1:])
-
+    aligned = sequential and _rows_aligned(delta if rank else None, B, C, rank, state)
+    plan = _forward_plan(u, rank, state, aligned, (delta_bias is not None, softplus, conv is not None, D is not None,
+                                                   z is not None), save_states, output_args)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    if save_states:
+        states = torch.empty(batch, plan.n_tiles, inner, state, **f32)
     carry_in = any_t
-    if n_chunks > 1:
-        decay, end_state = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
-        summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
-        launch(summary, grid, u, delta, w, bias, A, B, decay, end_state, *(lane_args if cfg.sequential else []),
-               length, inner, state, n_chunks, tiles, *u.stride(), *delta.stride(), *B.stride(), **shapes,
-               **_register_cap(cfg.summary_registers))
-        carry_in = torch.empty(batch, n_chunks, inner, state, **f32)
+    if plan.n_chunks > 1:
+        decay, end_state, carry_in = torch.empty(3, batch, plan.n_chunks, inner, state, **f32).unbind(0)
+        summary = k._fwd_chunk_summary_lanes if plan.cfg.sequential else k._fwd_chunk_summary
+        launch(summary, plan.grid, u, delta, w, bias, A, B, decay, end_state,
+               *(lane_args if plan.cfg.sequential else []), length, inner, state, plan.n_chunks, plan.tiles, *strides,
+               **plan.summary_options)
         launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
-            decay, end_state, carry_in, n_chunks, inner * state, REVERSE=False, BLOCK_C=_carry_block(n_chunks),
-            BLOCK_S=CARRY_BLOCK_STATES)
-    launch(output, grid, *output_args(n_chunks, tiles, carry_in), HAS_CARRY=n_chunks > 1, **output_options)
+               decay, end_state, carry_in, plan.n_chunks, inner * state, REVERSE=False,
+               BLOCK_C=_carry_block(plan.n_chunks), BLOCK_S=CARRY_BLOCK_STATES)
+    output = k._fwd_chunk_output_lanes if plan.cfg.sequential else k._fwd_chunk_output
+    launch(output, plan.grid, *output_args(plan.n_chunks, plan.n_tiles, plan.tiles, carry_in), **plan.output_options)
     return out, states
 
 
@@ -334,7 +378,7 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, conv=None):
-    if u.device.type == 'cuda' and u.device.index != torch.cuda.current_device():
+    if u.is_cuda and u.get_device() != torch.cuda.current_device():
         torch.cuda.set_device(u.device)  # triton launches on the current device
     # A may come transposed, as the network keeps it: the kernels' own layout is its transpose.
     A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)

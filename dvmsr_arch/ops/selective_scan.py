@@ -54,9 +54,22 @@ def available_backends(device) -> list:
     return [name for name in BACKENDS[1:] if why_unavailable(name, device) is None]
 
 
+_resolved: Dict[tuple, str] = {}
+
+
 def resolve_backend(requested: str = 'auto', device='cpu') -> str:
-    """The concrete backend that :func:`selective_scan` would use for tensors on ``device``."""
-    device = torch.device(device)
+    """The concrete backend that :func:`selective_scan` would use for tensors on ``device``.
+
+    Asked once per mixer in every forward: an answer is kept for the same request, device and
+    environment (the variables it reads), since what is installed does not change mid-run."""
+    key = (requested, device, os.environ.get(ENV_VAR), os.environ.get('TRITON_INTERPRET'))
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve_backend(requested, torch.device(device))
+    return name
+
+
+def _resolve_backend(requested: str, device: torch.device) -> str:
     name = check_backend_name(requested)
     if name == 'auto':
         name = check_backend_name(os.environ.get(ENV_VAR, 'auto') or 'auto', source=ENV_VAR)
