@@ -782,7 +782,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--scan-backend', default='auto', help='selective-scan backend of DVMSR')
     parser.add_argument('--channels-last', action='store_true', help='NHWC convolutions')
     parser.add_argument('--low-memory', action='store_true',
-                        help='DVMSR inference recomputes conv1d instead of storing it (dvmsr_arch.ops.low_memory_inference)')
+                        help='DVMSR inference computes in_proj in halves, never holding x, z and u at once '
+                             '(dvmsr_arch.ops.low_memory_inference)')
     parser.add_argument('--cuda-graph', action='store_true', help='report: time CUDA-graph replays of each forward')
     parser.add_argument('--triton-launch', default='direct', choices=('direct', 'jit'),
                         help="how DVMSR's Triton kernels are launched: straight to the compiled kernel once "

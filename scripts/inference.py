@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='replay the network from a CUDA graph captured per input size (CUDA only): faster '
                         'where sizes repeat, as the tiles of --tile do; see docs/usage.md')
     parser.add_argument('--low-memory', action='store_true',
-                        help='DVMSR on CUDA: recompute conv1d instead of storing it (less GPU memory, a little slower)')
+                        help='DVMSR on CUDA: in_proj in halves (less GPU memory, a little slower)')
     parser.add_argument('--device', default='auto', help='cpu, cuda or cuda:N (default: cuda when available)')
     parser.add_argument('--suffix', default=None, help='added to each output name (default: _x<scale>)')
     parser.add_argument('--hr', default=None,

@@ -4,9 +4,8 @@
 
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
-SiLU (over its block shapes) + x_proj (separate, and fused over its block shapes), a convolution's
-bias and skip added in one pass, the scan with u stored or the conv applied inside it, and cuDNN's
-3x3 convolution from token rows of 60 or 64 channels (the fused path pads), alone and, at the
+SiLU (over its block shapes) and x_proj after it, a convolution's bias and skip added in one pass,
+the scan with u contiguous or read from in_proj's output, and cuDNN's 3x3 convolution from token rows of 60 or 64 channels (the fused path pads), alone and, at the
 training step's size (batch 64, 64x64), with its backward. Each number is the median of 20 calls
 between two CUDA events after 5 warm-up calls, so it includes the launch: compare the numbers with
 each other, and use ``benchmark.py profile`` for kernel times inside the network. The chosen shapes
@@ -88,10 +87,6 @@ def main() -> int:
         {'CONV_BLOCK_L': 'tokens ', 'CONV_BLOCK_E': 'channels '},
         itertools.product((32, 64, 128, 256), (32, 64, 128)),
         lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
-    results['conv1d_linear'] = sweep(
-        {'CONV_LINEAR_BLOCK_L': 'tokens ', 'CONV_LINEAR_WARPS': 'warps '},
-        itertools.product((16, 32, 64, 128), (2, 4, 8)),
-        lambda: fused_triton.causal_conv1d_silu_linear_tokens(xz[..., :E], conv_w, conv_b, w_x))
 
     conv_out, skip, conv_bias = (torch.randn(1, LENGTH, C, device=dev), torch.randn(1, LENGTH, C, device=dev),
                                  torch.randn(C, device=dev))
@@ -112,9 +107,6 @@ def main() -> int:
                                                                True, out=out))
         results['scan, u read from in_proj output'] = median_us(
             lambda: scan(xz[..., :E].transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias, True, out=out))
-        results['scan applying the conv, u read from in_proj output'] = median_us(
-            lambda: scan(xz[..., :E].transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias, True, out=out,
-                         conv_weight=conv_w, conv_bias=conv_b))
     # The image the network hands cuDNN: token rows seen as channels-last (B, C, H, W).
     for channels in (60, 64):
         image = torch.randn(1, LENGTH, channels, device=dev).transpose(1, 2).reshape(1, channels, 339, 510)

@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
-from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_linear_tokens, causal_conv1d_silu_tokens,
-                                        layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled,
-                                        pixel_shuffle_image)
+from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_tokens, layer_norm_linear_tokens,
+                                        layer_norm_tokens, low_memory_enabled, pixel_shuffle_image)
 from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -197,34 +196,39 @@ class MambaMixer(nn.Module):
         scan (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
         """
         no_grad = not torch.is_grad_enabled()
-        # Under autocast, inference keeps the fused kernels and stores their activations in the
-        # autocast dtype (the scan state stays fp32).
-        half_dtype = _autocast_dtype(tokens.device.type) if no_grad else None
-        if no_grad and half_dtype is None and low_memory_enabled() and self.conv1d.kernel_size[0] == 4:
-            return self._infer_triton_low_memory(tokens, norm, out_width)
         inner = self.in_proj.out_features // 2
         if no_grad:
-            xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
-            x_raw, z = xz[..., :inner], xz[..., inner:]
+            # Under autocast, inference keeps the fused kernels and stores their activations in the
+            # autocast dtype (the scan state stays fp32).
+            half_dtype = _autocast_dtype(tokens.device.type)
+            if low_memory_enabled():
+                # in_proj's halves one after the other, conv1d between them: x is gone before z
+                # exists, so the ViMM never holds x, z and u at once (see ``low_memory_inference``).
+                x_raw = self._in_proj_inference(tokens, norm, 0, out_dtype=half_dtype)
+                x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
+                del x_raw
+                z = self._in_proj_inference(tokens, norm, 1, out_dtype=half_dtype)
+            else:
+                xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
+                x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
+                z = xz[..., inner:]
+                del xz  # z's view keeps it until the scan is done
         else:
             # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
             # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
             if norm is not None:
                 tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
             x_raw, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.split(inner))
-        x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
+            x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
+            del x_raw
         u = x.transpose(1, 2)
         dt, B, C = self._x_proj_rows(x)
         dt_weight, A = self._scan_weights(no_grad)
         # Without autograd the scan writes y over u (each lane reads u_t before it stores y_t): no
-        # (B, L, E) buffer more, and out_proj reads contiguous rows, which cuBLAS takes faster than
-        # the strided halves of xz.
+        # (B, L, E) buffer more.
         y = selective_scan_lowrank_triton(u, dt, dt_weight, A, B, C, self.D, z.transpose(1, 2), self.dt_proj.bias,
                                           delta_softplus=True, out=u if no_grad else None)
-        # in_proj's output and x_proj's rows go before out_proj allocates its output.
-        del x_raw, z, dt, B, C
-        if no_grad:
-            del xz
+        del z, dt, B, C  # before out_proj allocates its output
         return self._out_proj(y.transpose(1, 2), out_width)
 
     def _scan_weights(self, no_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -266,33 +270,16 @@ class MambaMixer(nn.Module):
         return derived_tensor(weight, ('x_proj_padded', pad, dtype), lambda: torch.cat(
             [weight[:self.dt_rank], weight.new_zeros(pad, weight.shape[1]), weight[self.dt_rank:]]).to(dtype))
 
-    def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm],
+    def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm], half: Optional[int] = None,
                            out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """in_proj(norm(tokens)), (B, L, 2E), without autograd: LayerNorm runs inside in_proj's
-        kernel, which stores its output in ``out_dtype`` (default: the dtype of ``tokens``; under
-        autocast, the autocast dtype, as ``self.in_proj`` alone would give)."""
+        """in_proj(norm(tokens)), (B, L, 2E), or with ``half`` 0 or 1 only its x or z half (B, L, E),
+        without autograd: LayerNorm runs inside in_proj's kernel, which stores its output in
+        ``out_dtype`` (default: the dtype of ``tokens``; under autocast, the autocast dtype, as
+        ``self.in_proj`` alone would give)."""
+        weight = self.in_proj.weight if half is None else self.in_proj.weight.chunk(2)[half]
         if norm is None:
-            return self.in_proj(tokens)
-        return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, self.in_proj.weight,
-                                        out_dtype=out_dtype)
-
-    def _infer_triton_low_memory(self, tokens: Tensor, norm: Optional[nn.LayerNorm],
-                                 out_width: Optional[int]) -> Tensor:
-        """Inference that never stores conv1d's output (see :func:`dvmsr_arch.ops.low_memory_inference`):
-        conv1d + SiLU run inside x_proj's kernel and again inside the scan, which writes y over z.
-        Besides its input and output, a ViMM then holds only xz (B, L, 2E) and x_proj's rows."""
-        inner = self.in_proj.out_features // 2
-        xz = self._in_proj_inference(tokens, norm)
-        x, z = xz[..., :inner], xz[..., inner:]
-        rows = causal_conv1d_silu_linear_tokens(x, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
-        dt, B, C = rows.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_weight, A = self._scan_weights(no_grad=True)
-        selective_scan_lowrank_triton(x.transpose(1, 2), dt.transpose(1, 2), dt_weight, A, B.transpose(1, 2),
-                                      C.transpose(1, 2), self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(),
-                                      delta_softplus=True, out=z.transpose(1, 2), conv_weight=self.conv1d.weight,
-                                      conv_bias=self.conv1d.bias)
-        del rows, dt, B, C  # before out_proj allocates its output, at the peak
-        return self._out_proj(z, out_width)
+            return F.linear(tokens, weight)
+        return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, weight, out_dtype=out_dtype)
 
     def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None) -> Tensor:
         """Mix ``tokens`` (B, L, C), normalised by ``norm`` first if given (so that the Triton path

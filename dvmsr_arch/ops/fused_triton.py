@@ -18,8 +18,6 @@ LN_BLOCK_ROWS = 32
 LN_LINEAR_BLOCK_ROWS = 128
 LN_LINEAR_BLOCK_OUT = 64
 LN_LINEAR_WARPS = 8
-CONV_LINEAR_BLOCK_L = 128
-CONV_LINEAR_WARPS = 8
 CONV_BLOCK_L = 64
 CONV_BLOCK_E = 32
 ADD_BLOCK_ROWS = 64
@@ -31,10 +29,11 @@ _low_memory = False
 
 @contextmanager
 def low_memory_inference(enabled: bool = True) -> Iterator[None]:
-    """Inside this context, DVMSR's Triton inference path stores less: conv1d's output is
-    recomputed inside x_proj's kernel and inside the scan instead of being kept, and the scan writes
-    its output over z. Measured on an H100 at LR 339x510 (docs/benchmarks.md): peak memory 364 MiB
-    instead of 444, time 6.42 ms instead of 5.89. Training and other backends are unaffected."""
+    """Inside this context, DVMSR's Triton inference path stores less: each ViMM computes in_proj's
+    x half, runs conv1d on it and frees it before it computes the z half, so that it never holds x,
+    z and conv1d's output at once. The price is in_proj's LayerNorm twice and two kernels instead of
+    one. Measured on an H100 at LR 339x510 (docs/benchmarks.md): peak memory 366 MiB instead of
+    444, GPU time 5.87 ms instead of 5.61. Training and other backends are unaffected."""
     global _low_memory
     saved, _low_memory = _low_memory, enabled
     try:
@@ -112,30 +111,12 @@ def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, 
     out_features = weight.shape[0]
     rows = batch * length
     y = torch.empty(batch, length, out_features, device=x.device, dtype=out_dtype or x.dtype)
+    # OUT is a constexpr: the compiler then knows where y's rows start and stores whole vectors for
+    # any width (as a run-time argument only for multiples of 16, and Mamba's halves are 120 wide).
     launch(_kernels()._layer_norm_linear_fwd, (_cdiv(rows, LN_LINEAR_BLOCK_ROWS),),
-        x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, out_features, *x.stride(), eps,
+        x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, *x.stride(), eps, OUT=out_features,
         BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)), BLOCK_O=LN_LINEAR_BLOCK_OUT,
         TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=LN_LINEAR_WARPS)
-    return y
-
-
-def causal_conv1d_silu_linear_tokens(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                                     weight: Tensor) -> Tensor:
-    """``F.linear(causal_conv1d_silu_tokens(x, conv_weight, conv_bias), weight)`` for inference, as one
-    kernel: the conv output is never written (a caller that needs it again recomputes it, as the
-    scan's conv path does).
-
-    x (batch, L, E) any strides with E <= 256; conv_weight (E, 1, K); weight (OUT, E). TF32 as
-    ``F.linear`` would use it. Returns a contiguous (batch, L, OUT) tensor of x's dtype.
-    """
-    batch, length, inner = x.shape
-    out_features = weight.shape[0]
-    y = torch.empty(batch, length, out_features, device=x.device, dtype=x.dtype)
-    launch(_kernels()._causal_conv_silu_linear_fwd, (_cdiv(length, CONV_LINEAR_BLOCK_L), batch),
-        x, conv_weight.contiguous(), conv_bias if conv_bias is not None else conv_weight, weight.contiguous(), y, length,
-        inner, out_features, *x.stride(), K=conv_weight.shape[-1], BLOCK_L=CONV_LINEAR_BLOCK_L,
-        BLOCK_E=max(16, _pow2(inner)), BLOCK_O=max(16, min(64, _pow2(out_features))), HAS_BIAS=conv_bias is not None,
-        TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=CONV_LINEAR_WARPS)
     return y
 
 

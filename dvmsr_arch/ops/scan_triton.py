@@ -192,28 +192,26 @@ MAX_PLANS = 256  # geometries in use at once; forgotten all at once past this
 
 def _forward_plan(u: Tensor, rank: int, state: int, aligned: bool, flags: tuple, save_states: bool,
                   output_args: Callable[[int, int, int], list]) -> _ForwardPlan:
-    """``flags``: whether there are a delta bias, softplus, a conv, D and z. ``output_args(n_chunks,
+    """``flags``: whether there are a delta bias, softplus, D and z. ``output_args(n_chunks,
     n_tiles, tiles)`` gives the output kernel's arguments, asked only where the plan is new and the GPU's
     capacity decides the chunk length (``_whole_wave_tiles``)."""
     key = (u.shape, u.get_device(), rank, state, aligned, flags, save_states)
     plan = _forward_plans.get(key)
     if plan is not None:
         return plan
-    has_bias, softplus, has_conv, has_D, has_z = flags
+    has_bias, softplus, has_D, has_z = flags
     k = _kernels()
     cfg = FORWARD_CONFIG
     if save_states and cfg.tile != BACKWARD_CONFIG.tile:
         chunk = cfg.tile * cfg.tiles_per_chunk
         cfg = replace(cfg, tile=BACKWARD_CONFIG.tile, tiles_per_chunk=max(1, chunk // BACKWARD_CONFIG.tile))
-    if has_conv and not cfg.sequential:
-        raise ValueError('the scan applies a conv only with lane-per-channel forward kernels')
     batch, inner, length = u.shape
     n_tiles, tiles = _cdiv(length, cfg.tile), cfg.tiles_per_chunk
     n_chunks = _cdiv(n_tiles, tiles)
     shapes = dict(T=cfg.tile, BLOCK_E=cfg.block_e, BLOCK_N=_pow2(state), DT_RANK=rank, HAS_BIAS=has_bias,
                   SOFTPLUS=softplus, num_warps=cfg.num_warps)
     if cfg.sequential:
-        shapes.update(RANK_PAD=_pow2(max(rank, 1)), ALIGNED=aligned, CONV=has_conv, PREFETCH=cfg.prefetch)
+        shapes.update(RANK_PAD=_pow2(max(rank, 1)), ALIGNED=aligned, PREFETCH=cfg.prefetch)
     output_options = dict(HAS_D=has_D, HAS_Z=has_z, SAVE_STATES=save_states, **shapes,
                           **_register_cap(cfg.output_registers))
     e_blocks = _cdiv(inner, cfg.block_e)
@@ -236,10 +234,7 @@ def _forward_plan(u: Tensor, rank: int, state: int, aligned: bool, flags: tuple,
 
 def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
-                  out: Optional[Tensor], save_states: bool, conv: Optional[Tuple[Tensor, Tensor]] = None
-                  ) -> Tuple[Tensor, Optional[Tensor]]:
-    """``conv``: (weight (E, 4), bias (E)) of a causal depthwise conv + SiLU that the kernels apply
-    to u themselves (lane-per-channel kernels only)."""
+                  out: Optional[Tensor], save_states: bool) -> Tuple[Tensor, Optional[Tensor]]:
     k = _kernels()
     batch, inner, length = u.shape
     state = A.shape[1]
@@ -254,21 +249,19 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     any_t = A  # stands in for absent optional tensors; never read
     w = dt_weight.t().contiguous() if dt_weight is not None else any_t
     bias = delta_bias if delta_bias is not None else any_t
-    lane_args = list(conv) if conv is not None else [any_t, any_t]  # conv weight, conv bias
     states = None
     z_or_u = z if z is not None else u
     strides = (*u.stride(), *delta.stride(), *B.stride())  # the summary pass's
 
-    sequential = FORWARD_CONFIG.sequential
 
     def output_args(n_chunks: int, n_tiles: int, tiles: int, carry_in: Tensor = any_t) -> list:
         return [u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, out, carry_in,
-                states if states is not None else any_t, *(lane_args if sequential else []), length, inner, state,
-                n_chunks, n_tiles, tiles, *strides, *C.stride(), *z_or_u.stride(), *out.stride()]
+                states if states is not None else any_t, length, inner, state, n_chunks, n_tiles, tiles, *strides,
+                *C.stride(), *z_or_u.stride(), *out.stride()]
 
-    aligned = sequential and _rows_aligned(delta if rank else None, B, C, rank, state)
-    plan = _forward_plan(u, rank, state, aligned, (delta_bias is not None, softplus, conv is not None, D is not None,
-                                                   z is not None), save_states, output_args)
+    aligned = FORWARD_CONFIG.sequential and _rows_aligned(delta if rank else None, B, C, rank, state)
+    plan = _forward_plan(u, rank, state, aligned, (delta_bias is not None, softplus, D is not None, z is not None),
+                         save_states, output_args)
     f32 = dict(device=u.device, dtype=torch.float32)
     if save_states:
         states = torch.empty(batch, plan.n_tiles, inner, state, **f32)
@@ -276,9 +269,8 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     if plan.n_chunks > 1:
         decay, end_state, carry_in = torch.empty(3, batch, plan.n_chunks, inner, state, **f32).unbind(0)
         summary = k._fwd_chunk_summary_lanes if plan.cfg.sequential else k._fwd_chunk_summary
-        launch(summary, plan.grid, u, delta, w, bias, A, B, decay, end_state,
-               *(lane_args if plan.cfg.sequential else []), length, inner, state, plan.n_chunks, plan.tiles, *strides,
-               **plan.summary_options)
+        launch(summary, plan.grid, u, delta, w, bias, A, B, decay, end_state, length, inner, state, plan.n_chunks,
+               plan.tiles, *strides, **plan.summary_options)
         launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
                decay, end_state, carry_in, plan.n_chunks, inner * state, REVERSE=False,
                BLOCK_C=_carry_block(plan.n_chunks), BLOCK_S=CARRY_BLOCK_STATES)
@@ -377,18 +369,17 @@ class _SelectiveScan(torch.autograd.Function):
         return (*out, None)
 
 
-def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, conv=None):
+def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out):
     if u.is_cuda and u.get_device() != torch.cuda.current_device():
         torch.cuda.set_device(u.device)  # triton launches on the current device
     # A may come transposed, as the network keeps it: the kernels' own layout is its transpose.
     A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)
-    tensors = (u, delta, dt_weight, A, B, C, D, z, delta_bias) + (conv or ())
+    tensors = (u, delta, dt_weight, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        if out is not None or conv is not None:
-            raise ValueError('out= and conv= are for inference: they cannot be used while autograd records the scan')
+        if out is not None:
+            raise ValueError('out= is for inference: it cannot be used while autograd records the scan')
         return _SelectiveScan.apply(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus)
-    return _scan_forward(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, save_states=False,
-                         conv=conv)[0]
+    return _scan_forward(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out, save_states=False)[0]
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -401,22 +392,11 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 def selective_scan_lowrank_triton(u: Tensor, dt: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                   D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                                   delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                                  out: Optional[Tensor] = None, conv_weight: Optional[Tensor] = None,
-                                  conv_bias: Optional[Tensor] = None) -> Tensor:
+                                  out: Optional[Tensor] = None) -> Tensor:
     """The scan with delta = dt_weight @ dt given by its factors, as Mamba's dt_proj makes it.
 
     dt: (batch, R, L); dt_weight: (E, R). The (batch, E, L) delta is formed inside the kernels only.
-    Without autograd: ``out`` (batch, E, L), any strides, receives y, and may be ``z`` or ``u`` itself
-    (each z_t and u_t is read before y_t is written over it; not u with a conv, which reads u's
-    earlier tokens again); with ``conv_weight`` (E, 1, 4) and ``conv_bias``, u is the input of
-    Mamba's causal conv1d + SiLU, which the kernels apply as they read it, so the conv output never
-    exists in memory.
+    Without autograd, ``out`` (batch, E, L), any strides, receives y, and may be ``z`` or ``u``
+    itself (each z_t and u_t is read before y_t is written over it).
     """
-    conv = None
-    if conv_weight is not None:
-        if conv_weight.shape[-1] != 4 or FORWARD_CONFIG.sequential is False:
-            raise ValueError('conv_weight: the scan applies only a kernel-4 conv, with lane-per-channel kernels')
-        inner = conv_weight.shape[0]
-        conv = (conv_weight.reshape(inner, 4).float().contiguous(),
-                (conv_bias if conv_bias is not None else conv_weight.new_zeros(inner)).float().contiguous())
-    return _run(u, dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, out, conv)
+    return _run(u, dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, out)

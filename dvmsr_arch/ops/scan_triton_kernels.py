@@ -466,37 +466,6 @@ def _lane_delta(dt, W, bias, mask, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
-def _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, t0, e, e_mask, CONV: tl.constexpr):
-    """With CONV, u holds the raw input of a causal depthwise conv (K = 4) + SiLU that the kernel
-    applies itself: the per-lane conv weights and bias, and the three inputs before token ``t0``
-    (0 before the sequence start). Without CONV, zeros that stay unused."""
-    if CONV:
-        w0 = tl.load(cw_ptr + e * 4 + 0, mask=e_mask, other=0.0).to(tl.float32)
-        w1 = tl.load(cw_ptr + e * 4 + 1, mask=e_mask, other=0.0).to(tl.float32)
-        w2 = tl.load(cw_ptr + e * 4 + 2, mask=e_mask, other=0.0).to(tl.float32)
-        w3 = tl.load(cw_ptr + e * 4 + 3, mask=e_mask, other=0.0).to(tl.float32)
-        cb = tl.load(cb_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
-        base = u_ptr + pid_b * s_ub + e * s_ue
-        x3 = tl.load(base + (t0 - 3) * s_ul, mask=e_mask & (t0 >= 3), other=0.0).to(tl.float32)
-        x2 = tl.load(base + (t0 - 2) * s_ul, mask=e_mask & (t0 >= 2), other=0.0).to(tl.float32)
-        x1 = tl.load(base + (t0 - 1) * s_ul, mask=e_mask & (t0 >= 1), other=0.0).to(tl.float32)
-    else:
-        w0 = tl.zeros([e.shape[0]], dtype=tl.float32)
-        w1, w2, w3, cb, x3, x2, x1 = w0, w0, w0, w0, w0, w0, w0
-    return w0, w1, w2, w3, cb, x3, x2, x1
-
-
-@triton.jit
-def _conv_step(raw, x3, x2, x1, w0, w1, w2, w3, cb, CONV: tl.constexpr):
-    """u of this token and the shifted window (x_{t-2}, x_{t-1}, x_t)."""
-    if CONV:
-        pre = cb + w0 * x3 + w1 * x2 + w2 * x1 + w3 * raw
-        return pre * tl.sigmoid(pre), x2, x1, raw
-    else:
-        return raw, x3, x2, x1
-
-
-@triton.jit
 def _prefetch(ptrs):
     # prefetch.global.L2: the lines of a later token start on their way without a register to land
     # in, so the distance ahead costs no occupancy (a deeper read-ahead into registers would).
@@ -534,17 +503,16 @@ def _next_token(t, L, MASKED: tl.constexpr):
 # for its own loads.
 @triton.jit
 def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, pid_c,
-                         L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1, cw2, cw3, cb, x3, x2, x1,
-                         pf_e, pf_d, pf_n, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                         L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, pf_e, pf_d, pf_n, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
-                         CONV: tl.constexpr, PREFETCH: tl.constexpr):
+                         PREFETCH: tl.constexpr):
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                          pid_b, pid_c * tiles * T, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD,
                                          ALIGNED, MASKED)
     for k in range(tiles):
         for i in tl.static_range(T):
             t = (pid_c * tiles + k) * T + i
-            dt, raw, Bt = dt_next, u_next, B_next
+            dt, u, Bt = dt_next, u_next, B_next
             dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
                                                  s_Bn, s_Bl, pid_b, _next_token(t, L, MASKED), L, e, e_mask, n,
                                                  n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
@@ -553,7 +521,6 @@ def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, 
                 _prefetch(u_ptr + pid_b * s_ub + tp * s_ul + pf_e * s_ue)
                 _prefetch(delta_ptr + pid_b * s_db + tp * s_dl + pf_d * s_de)
                 _prefetch(B_ptr + pid_b * s_Bb + tp * s_Bl + pf_n * s_Bn)
-            u, x3, x2, x1 = _conv_step(raw, x3, x2, x1, cw0, cw1, cw2, cw3, cb, CONV)
             delta = _lane_delta(dt, W, bias, (e_mask & (t < L)) if MASKED else e_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
             total += delta
@@ -562,11 +529,10 @@ def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, 
 
 @triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de', 's_dl', 's_Bb',
                                's_Bn', 's_Bl'])
-def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_ptr, H_ptr, cw_ptr, cb_ptr, L, E, N,
-                             n_chunks, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr,
+def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_ptr, H_ptr, L, E, N, n_chunks, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, RANK_PAD: tl.constexpr,
-                             ALIGNED: tl.constexpr, CONV: tl.constexpr, PREFETCH: tl.constexpr):
+                             ALIGNED: tl.constexpr, PREFETCH: tl.constexpr):
     """Same contract as ``_fwd_chunk_summary``. Every chunk but the last runs without token masks.
     PREFETCH > 0: each token also asks the L2 for the inputs of the token that many ahead."""
     pid_c = tl.program_id(0)
@@ -579,19 +545,15 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
     A2, W, bias = _lane_setup(w_ptr, bias_ptr, A_ptr, E, N, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, HAS_BIAS)
     h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     total = tl.zeros([BLOCK_E], dtype=tl.float32)
-    cw0, cw1, cw2, cw3, cb, x3, x2, x1 = _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, pid_c * tiles * T,
-                                                     e, e_mask, CONV)
     pf_e, pf_d, pf_n = _prefetch_indices(e, E, N, BLOCK_E, BLOCK_N, DT_RANK, RANK_PAD)
     if (pid_c + 1) * tiles * T <= L:
         h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
-                                        pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1,
-                                        cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
-                                        SOFTPLUS, ALIGNED, False, CONV, PREFETCH)
+                                        pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, pf_e,
+                                        pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED, False, PREFETCH)
     else:
         h, total = _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
-                                        pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, cw0, cw1,
-                                        cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
-                                        SOFTPLUS, ALIGNED, True, CONV, PREFETCH)
+                                        pid_b, pid_c, L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, pf_e,
+                                        pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, ALIGNED, True, PREFETCH)
     offs = (pid_b * n_chunks + pid_c) * E * N + n[None, :] * E + e[:, None]
     en_mask = e_mask[:, None] & n_mask[None, :]
     tl.store(P_ptr + offs, tl.exp2(total[:, None] * A2), mask=en_mask)
@@ -601,14 +563,13 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
 @triton.jit
 def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl,
                         s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b, pid_c, L, E, N,
-                        n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D, h, cw0, cw1, cw2, cw3,
-                        cb, x3, x2, x1, pf_e, pf_d, pf_n, T: tl.constexpr, DT_RANK: tl.constexpr,
-                        RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
-                        HAS_Z: tl.constexpr, SAVE_STATES: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
-                        CONV: tl.constexpr, PREFETCH: tl.constexpr):
+                        n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D, h, pf_e, pf_d, pf_n,
+                        T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_STATES: tl.constexpr,
+                        ALIGNED: tl.constexpr, MASKED: tl.constexpr, PREFETCH: tl.constexpr):
     # Without a gate, z_ptr is u's: the read-ahead of z stays valid and its value unused. y may be
-    # written over z or, without CONV, over u (the inference paths do): z_t and u_t are read, one
-    # token ahead, before y_t is stored.
+    # written over z or over u (the inference path does): z_t and u_t are read, one token ahead,
+    # before y_t is stored.
     t = pid_c * tiles * T
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                          pid_b, t, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
@@ -622,7 +583,7 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
         for i in tl.static_range(T):
             t = tile * T + i
             ev_mask = (e_mask & (t < L)) if MASKED else e_mask
-            dt, raw, Bt, Ct, z = dt_next, u_next, B_next, C_next, z_next
+            dt, u, Bt, Ct, z = dt_next, u_next, B_next, C_next, z_next
             t_next = _next_token(t, L, MASKED)
             dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
                                                  s_Bn, s_Bl, pid_b, t_next, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD,
@@ -637,7 +598,6 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
                 _prefetch(delta_ptr + pid_b * s_db + tp * s_dl + pf_d * s_de)
                 _prefetch(B_ptr + pid_b * s_Bb + tp * s_Bl + pf_n * s_Bn)
                 _prefetch(C_ptr + pid_b * s_Cb + tp * s_Cl + pf_n * s_Cn)
-            u, x3, x2, x1 = _conv_step(raw, x3, x2, x1, cw0, cw1, cw2, cw3, cb, CONV)
             delta = _lane_delta(dt, W, bias, ev_mask, DT_RANK, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
             y = tl.sum(h * Ct[None, :], 1)
@@ -653,12 +613,12 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
                                's_Bb', 's_Bn', 's_Bl', 's_Cb', 's_Cn', 's_Cl', 's_zb', 's_ze', 's_zl', 's_yb', 's_ye',
                                's_yl'])
 def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, Hin_ptr,
-                            states_ptr, cw_ptr, cb_ptr, L, E, N, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de,
+                            states_ptr, L, E, N, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de,
                             s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl,
                             T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                             HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, RANK_PAD: tl.constexpr,
-                            ALIGNED: tl.constexpr, CONV: tl.constexpr, PREFETCH: tl.constexpr):
+                            ALIGNED: tl.constexpr, PREFETCH: tl.constexpr):
     """Same contract as ``_fwd_chunk_output``. Every chunk but the last runs without token masks.
     PREFETCH > 0: as in ``_fwd_chunk_summary_lanes``."""
     pid_c = tl.program_id(0)
@@ -679,21 +639,19 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
         h = tl.load(Hin_ptr + (pid_b * n_chunks + pid_c) * E * N + ne_offs, mask=en_mask, other=0.0)
     else:
         h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    cw0, cw1, cw2, cw3, cb, x3, x2, x1 = _conv_setup(u_ptr, cw_ptr, cb_ptr, s_ub, s_ue, s_ul, pid_b, pid_c * tiles * T,
-                                                     e, e_mask, CONV)
     pf_e, pf_d, pf_n = _prefetch_indices(e, E, N, BLOCK_E, BLOCK_N, DT_RANK, RANK_PAD)
     if (pid_c + 1) * tiles * T <= L:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
                                 pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
-                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
-                                SOFTPLUS, HAS_D, HAS_Z, SAVE_STATES, ALIGNED, False, CONV, PREFETCH)
+                                h, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z,
+                                SAVE_STATES, ALIGNED, False, PREFETCH)
     else:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
                                 pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
-                                h, cw0, cw1, cw2, cw3, cb, x3, x2, x1, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS,
-                                SOFTPLUS, HAS_D, HAS_Z, SAVE_STATES, ALIGNED, True, CONV, PREFETCH)
+                                h, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z,
+                                SAVE_STATES, ALIGNED, True, PREFETCH)
 
 
 @triton.jit
