@@ -276,7 +276,7 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
             with torch.inference_mode(), precision(args.precision, device):
                 forward = cuda_graph(net, x) if args.cuda_graph and device.type == 'cuda' else (lambda: net(x))
                 times = time_calls(forward, device, args.warmup, args.repeats)
-                host = host_times(forward, device, min(args.repeats, 10))
+                host = host_times(forward, device, args.host_repeats)
                 memory = peak_memory_mib(forward, device)
             per_input[label] = dict(summary(times), peak_memory_mib=memory, lr_size=list(x.shape[2:]))
             if host is not None:
@@ -792,6 +792,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--backward-config', help='Triton backward kernel shape by name (same names)')
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--repeats', type=int, default=20)
+    parser.add_argument('--host-repeats', type=int, default=10,
+                        help='report: samples of the CPU time to issue a forward (its minimum resolves small '
+                             'changes on a busy host better with more)')
     parser.add_argument('--no-flops', action='store_true', help='skip the FLOP/activation count (CPU work)')
     parser.add_argument('--flops-size', default='256x256', help='LR size for FLOPs and activations')
     parser.add_argument('--seed', type=int, default=0)
@@ -820,6 +823,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--tensor-tflops', type=float, default=495.0, help='floor: dense TF32 rate')
     parser.add_argument('--out', help='folder for the JSON and markdown files')
     args = parser.parse_args(argv)
+    for flag in ('--repeats', '--host-repeats', '--profile-runs'):
+        if getattr(args, flag[2:].replace('-', '_')) < 1:
+            parser.error(f'{flag} must be at least 1')
     args.weights = parse_weights(args.weights)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():

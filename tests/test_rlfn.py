@@ -83,3 +83,11 @@ def test_benchmark_rejects_bad_sizes():
                            '--sizes', '16by16'], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "size '16by16'" in proc.stderr
+
+
+@pytest.mark.parametrize('flag', ['--repeats', '--host-repeats', '--profile-runs'])
+def test_benchmark_rejects_counts_below_one(flag):
+    proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'report', '--device', 'cpu',
+                           flag, '0'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f'{flag} must be at least 1' in proc.stderr
