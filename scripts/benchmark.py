@@ -141,11 +141,13 @@ def host_times(fn: Callable[[], object], device: torch.device, repeats: int) -> 
     with the host's load); a CUDA graph removes it. None off CUDA."""
     if device.type != 'cuda' or not hasattr(torch.cuda, '_sleep'):
         return None
-    clock_hz = 2e9  # a bound on the SM clock: the sleep below lasts at least 0.1 s
+    # A bound on the SM clock: the sleep below lasts at least 20 ms, several times what a forward
+    # takes to issue, and a hundred samples (--host-repeats) take seconds, not a minute.
+    clock_hz = 2e9
     times = []
     for _ in range(repeats):
         synchronize(device)
-        torch.cuda._sleep(int(0.1 * clock_hz))
+        torch.cuda._sleep(int(0.02 * clock_hz))
         start_s = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start_s) * 1e3)
