@@ -5,11 +5,12 @@
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
 SiLU (over its block shapes) and x_proj after it, a convolution's bias and skip added in one pass,
-the scan with u contiguous or read from in_proj's output, and cuDNN's 3x3 convolution from token rows of 60 or 64 channels (the fused path pads), alone and, at the
-training step's size (batch 64, 64x64), with its backward. Each number is the median of 20 calls
-between two CUDA events after 5 warm-up calls, so it includes the launch: compare the numbers with
-each other, and use ``benchmark.py profile`` for kernel times inside the network. The chosen shapes
-are the module constants of ``dvmsr_arch/ops/fused_triton.py``.
+the scan with u contiguous or read from in_proj's output, and cuDNN's 3x3 convolution from token
+rows of 60 or 64 channels (the fused path pads), alone and, at the training step's size (batch 64,
+64x64), with its backward. Each number is the median of 20 calls between two CUDA events after 5
+warm-up calls, so it includes the launch: compare the numbers with each other, and use
+``benchmark.py profile`` for kernel times inside the network. The chosen shapes are the module
+constants of ``dvmsr_arch/ops/fused_triton.py``.
 """
 import argparse
 import itertools

@@ -253,7 +253,6 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     z_or_u = z if z is not None else u
     strides = (*u.stride(), *delta.stride(), *B.stride())  # the summary pass's
 
-
     def output_args(n_chunks: int, n_tiles: int, tiles: int, carry_in: Tensor = any_t) -> list:
         return [u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, out, carry_in,
                 states if states is not None else any_t, length, inner, state, n_chunks, n_tiles, tiles, *strides,

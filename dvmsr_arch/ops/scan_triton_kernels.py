@@ -503,9 +503,9 @@ def _next_token(t, L, MASKED: tl.constexpr):
 # for its own loads.
 @triton.jit
 def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, pid_c,
-                         L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, pf_e, pf_d, pf_n, T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, pf_e, pf_d, pf_n, T: tl.constexpr,
+                         DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, PREFETCH: tl.constexpr):
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                          pid_b, pid_c * tiles * T, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD,
                                          ALIGNED, MASKED)
@@ -529,7 +529,8 @@ def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, 
 
 @triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de', 's_dl', 's_Bb',
                                's_Bn', 's_Bl'])
-def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_ptr, H_ptr, L, E, N, n_chunks, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr,
+def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_ptr, H_ptr, L, E, N, n_chunks,
+                             tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, T: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, RANK_PAD: tl.constexpr,
                              ALIGNED: tl.constexpr, PREFETCH: tl.constexpr):
