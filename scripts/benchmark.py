@@ -48,6 +48,7 @@ import dvmsr_arch  # noqa: E402,F401  (registers the networks)
 from dvmsr_arch.archs.dvmsr_arch import DVMSR  # noqa: E402
 from dvmsr_arch.archs.rlfn_arch import RLFN  # noqa: E402
 from dvmsr_arch.ops import available_backends, low_memory_inference, resolve_backend  # noqa: E402
+from dvmsr_arch.utils.graphs import capture_graph  # noqa: E402
 
 DEFAULT_WEIGHTS = {
     'dvmsr': osp.join(ROOT, '..', 'shared', 'weights', 'dvmsr_ntire2024_official.pth'),
@@ -174,16 +175,7 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[
 
 def cuda_graph(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """One forward captured as a CUDA graph (fixed input size): replays skip the launch overhead."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compile and allocate outside the capture
-            net(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        net(x)
-    return graph.replay
+    return capture_graph(net, x)[0].replay
 
 
 def parse_size(text: str) -> Tuple[int, int]:

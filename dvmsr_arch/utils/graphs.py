@@ -61,18 +61,25 @@ class CudaGraphInference:
     def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         # The input lives outside the pool, so no other graph's buffers overlap it.
         static_input = x.clone()
-        with torch.no_grad():
-            # Warm-up outside the capture: Triton compiles, cuBLAS and cuDNN pick their kernels, and
-            # the model builds the tensors it keeps (padded weights) before the graph records.
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.model(static_input)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_output = self.model(static_input)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph, static_output = capture_graph(self.model, static_input, self._pool)
         return graph, static_input, static_output
+
+
+def capture_graph(model: Callable[[Tensor], Tensor], x: Tensor, pool=None) -> Tuple[torch.cuda.CUDAGraph, Tensor]:
+    """One forward ``model(x)`` without autograd, captured as a CUDA graph (its memory from ``pool``
+    if given), and the output tensor the graph writes. Two warm-up forwards run first, on a side
+    stream: Triton compiles, cuBLAS and cuDNN pick their kernels, and the model builds the tensors it
+    keeps (padded weights) before the graph records."""
+    with torch.no_grad():
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(x)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = model(x)
+    return graph, output
