@@ -253,7 +253,8 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
                                   'cuda_graph': args.cuda_graph, 'triton_launch': args.triton_launch,
                                   'scan_config': args.scan_config,
                                   'backward_config': args.backward_config,
-                                  'warmup': args.warmup, 'repeats': args.repeats, 'models': {}}
+                                  'warmup': args.warmup, 'repeats': args.repeats, 'host_repeats': args.host_repeats,
+                                  'models': {}}
     torch.manual_seed(0)
     for name in models:
         net = build_model(name, device, args.scan_backend, args.weights.get(name, DEFAULT_WEIGHTS.get(name)),
@@ -320,8 +321,8 @@ def report_markdown(results: Dict[str, object]) -> str:
     host = [f'{name} ' + ', '.join(f'{entry["inputs"][label]["host_median_ms"]:.2f} ({label})' for label in labels)
             for name, entry in results['models'].items() if 'host_median_ms' in entry['inputs'][labels[0]]]
     if host:
-        lines += ['', 'CPU time to issue one forward, ms (median of up to 10, the GPU kept busy; a time close to '
-                  'the one above is bound by launch overhead): ' + '; '.join(host) + '.']
+        lines += ['', f'CPU time to issue one forward, ms (median of {results["host_repeats"]}, the GPU kept busy; '
+                  'a time close to the one above is bound by launch overhead): ' + '; '.join(host) + '.']
     return '\n'.join(lines) + '\n'
 
 
