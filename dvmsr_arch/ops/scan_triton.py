@@ -9,7 +9,6 @@ Triton runs on CUDA tensors; on the CPU only under its interpreter (``TRITON_INT
 before triton is first imported), which the tests use. Kernel shapes are fixed (no autotuning) and
 the sequence length is a run-time argument, so a new image size compiles nothing new.
 """
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass, replace
@@ -75,16 +74,11 @@ def why_unavailable(device: torch.device) -> Optional[str]:
     if device.type != 'cuda' and not (device.type == 'cpu' and interpreted):
         return (f'triton kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), '
                 f'these are on {device.type}')
-    if not _triton_installed():
+    if importlib.util.find_spec('triton') is None:
         return 'triton is not installed (it comes with the CUDA builds of torch)'
     if device.type == 'cuda' and not torch.cuda.is_available():
         return 'CUDA is not available'
     return None
-
-
-@functools.lru_cache(maxsize=None)  # asked before every forward; a package does not appear mid-run
-def _triton_installed() -> bool:
-    return importlib.util.find_spec('triton') is not None
 
 
 def _kernels():
@@ -107,7 +101,6 @@ def _carry_block(n_chunks: int) -> int:
     return min(CARRY_BLOCK_CHUNKS, max(32, _pow2(n_chunks)))
 
 
-@functools.lru_cache(maxsize=256)  # called for every scan; the answer depends on these four numbers only
 def _whole_wave_tiles(n_tiles: int, tiles: int, programs_per_chunk: int, resident: int) -> int:
     """Tiles per chunk, from ``tiles`` to twice that, for which a pass ends soonest when the GPU
     holds ``resident`` programs at once.
