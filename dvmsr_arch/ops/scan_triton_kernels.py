@@ -498,9 +498,9 @@ def _next_token(t, L, MASKED: tl.constexpr):
         return tl.minimum(t + 1, L - 1)
 
 
-# The tile loops below read every token's inputs one token ahead, while the previous token is
-# computed: the scan itself is a chain through h, and without the read-ahead each token waited
-# for its own loads.
+# The tile loops below read every token's inputs one token ahead (the output pass reads dt's row
+# two ahead), while the previous token is computed: the scan itself is a chain through h, and
+# without the read-ahead each token waited for its own loads.
 @triton.jit
 def _summary_lanes_tiles(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, pid_c,
                          L, tiles, e, e_mask, n, n_mask, A2, W, bias, h, total, pf_e, pf_d, pf_n, T: tl.constexpr,
@@ -570,10 +570,16 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
                         ALIGNED: tl.constexpr, MASKED: tl.constexpr, PREFETCH: tl.constexpr):
     # Without a gate, z_ptr is u's: the read-ahead of z stays valid and its value unused. y may be
     # written over z or over u (the inference path does): z_t and u_t are read, one token ahead,
-    # before y_t is stored.
+    # before y_t is stored. dt's row is read two tokens ahead: it starts each token's chain (the dt
+    # projection, softplus, the exp2 of every state), and one token ahead that chain still waited on
+    # its load, most of all at each tile's first token, whose loads the compiler leaves at the end of
+    # the previous tile (docs/performance.md, 11a).
     t = pid_c * tiles * T
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                          pid_b, t, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+    t_after = _next_token(t, L, MASKED)
+    dt_after = _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t_after, t_after < L,
+                        (e_mask & (t_after < L)) if MASKED else e_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
     C_next = _row(C_ptr, pid_b * s_Cb, t, s_Cn, s_Cl, n, n_mask, t < L, ALIGNED, MASKED)
     z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=(e_mask & (t < L)) if MASKED else e_mask,
                      other=0.0).to(tl.float32)
@@ -586,9 +592,13 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
             ev_mask = (e_mask & (t < L)) if MASKED else e_mask
             dt, u, Bt, Ct, z = dt_next, u_next, B_next, C_next, z_next
             t_next = _next_token(t, L, MASKED)
-            dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
-                                                 s_Bn, s_Bl, pid_b, t_next, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD,
-                                                 ALIGNED, MASKED)
+            t_after = _next_token(t_next, L, MASKED)
+            dt_next = dt_after
+            dt_after = _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t_after, t_after < L,
+                                (e_mask & (t_after < L)) if MASKED else e_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+            u_next = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t_next * s_ul,
+                             mask=(e_mask & (t_next < L)) if MASKED else e_mask, other=0.0).to(tl.float32)
+            B_next = _row(B_ptr, pid_b * s_Bb, t_next, s_Bn, s_Bl, n, n_mask, t_next < L, ALIGNED, MASKED)
             C_next = _row(C_ptr, pid_b * s_Cb, t_next, s_Cn, s_Cl, n, n_mask, t_next < L, ALIGNED, MASKED)
             z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t_next * s_zl,
                              mask=(e_mask & (t_next < L)) if MASKED else e_mask, other=0.0).to(tl.float32)
