@@ -250,7 +250,7 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
         inputs = [(f'{h}x{w}', None) for h, w in map(parse_size, args.sizes)]
     results: Dict[str, object] = {'machine': machine_info(device), 'precision': args.precision,
                                   'scan_backend': args.scan_backend, 'channels_last': args.channels_last,
-                                  'cuda_graph': args.cuda_graph, 'triton_launch': args.triton_launch,
+                                  'cudnn_benchmark': args.cudnn_benchmark, 'cuda_graph': args.cuda_graph, 'triton_launch': args.triton_launch,
                                   'scan_config': args.scan_config,
                                   'backward_config': args.backward_config,
                                   'warmup': args.warmup, 'repeats': args.repeats, 'host_repeats': args.host_repeats,
@@ -299,7 +299,8 @@ def report_markdown(results: Dict[str, object]) -> str:
     where = machine.get('gpu') or f'CPU ({machine["threads"]} threads)'
     labels = list(next(iter(results['models'].values()))['inputs'])
     lines = [f'Device: {where}; torch {machine["torch"]}, triton {machine.get("triton")}; precision '
-             f'{results["precision"]}; channels_last {results["channels_last"]}; CUDA graph {results["cuda_graph"]}; '
+             f'{results["precision"]}; channels_last {results["channels_last"]}; cuDNN benchmark '
+             f'{results.get("cudnn_benchmark", False)}; CUDA graph {results["cuda_graph"]}; '
              f'Triton launches {results.get("triton_launch", "jit")}; median of {results["repeats"]} '
              f'runs after {results["warmup"]} warm-up runs, forward only, batch 1.', '',
              '| model | params | ' + ' | '.join(f'{label} ms (x RLFN)' for label in labels)
@@ -600,7 +601,8 @@ def train_step(name: str, device: torch.device, backend: str, batch: int, size: 
 
 
 def run_train(args, device: torch.device) -> Dict[str, object]:
-    results: Dict[str, object] = {'machine': machine_info(device), 'batch': args.train_batch,
+    results: Dict[str, object] = {'machine': machine_info(device), 'cudnn_benchmark': args.cudnn_benchmark,
+                                  'batch': args.train_batch,
                                   'lr_size': args.train_size, 'precision': args.precision,
                                   'channels_last': args.channels_last, 'steps': {}}
     size = parse_size(args.train_size)
@@ -646,7 +648,7 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
     height, width = parse_size(args.profile_size)
     what = f'train step, batch {args.train_batch} at {args.train_size}' if args.profile_train else 'forward'
     results: Dict[str, object] = {'machine': machine_info(device), 'size': args.profile_size, 'what': what,
-                                  'tables': {}}
+                                  'cudnn_benchmark': args.cudnn_benchmark, 'tables': {}}
     for backend in args.profile_backends:
         if backend not in ('auto',) + tuple(available_backends(device)):
             continue
@@ -776,6 +778,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--precision', default='tf32', choices=PRECISIONS)
     parser.add_argument('--scan-backend', default='auto', help='selective-scan backend of DVMSR')
     parser.add_argument('--channels-last', action='store_true', help='NHWC convolutions')
+    parser.add_argument('--cudnn-benchmark', action='store_true',
+                        help='let cuDNN time its algorithms for each new input shape and keep the fastest '
+                             '(torch.backends.cudnn.benchmark, which BasicSR\'s train and test scripts set); '
+                             'the warm-up runs take that search')
     parser.add_argument('--low-memory', action='store_true',
                         help='DVMSR inference computes in_proj in halves, never holding x, z and u at once '
                              '(dvmsr_arch.ops.low_memory_inference)')
@@ -842,6 +848,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from dvmsr_arch.ops.launch import set_direct_launches
     set_direct_launches(args.triton_launch == 'direct')
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     commands = ('report', 'scan', 'fidelity', 'train', 'profile') if args.command == 'all' else (args.command,)
     failures = 0
     with low_memory_inference(args.low_memory):
