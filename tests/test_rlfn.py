@@ -61,8 +61,8 @@ def test_benchmark_report_carries_the_rlfn_ratio(tmp_path):
     out = tmp_path / 'bench'
     proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'report', '--device', 'cpu',
                            '--models', 'dvmsr', '--sizes', '16x16', '16x24', '--warmup', '0', '--repeats', '2',
-                           '--no-flops', '--out', str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=str(tmp_path))
+                           '--no-flops', '--cudnn-benchmark', '--out', str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / 'report.json').read_text())
     assert set(results['models']) == {'dvmsr', 'rlfn'}
@@ -76,6 +76,19 @@ def test_benchmark_report_carries_the_rlfn_ratio(tmp_path):
         assert dvmsr['ratio_to_rlfn'][label] == pytest.approx(timing['median_ms'] / rlfn['inputs'][label]['median_ms'])
     table = (out / 'report.md').read_text()
     assert '| rlfn | 317,218 |' in table and 'dvmsr (torch)' in table
+    assert results['cudnn_benchmark'] is True and 'cuDNN benchmark True' in table
+
+
+def test_benchmark_cudnn_flag_sets_and_clears_torch_setting(monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    assert benchmark.main(['floor', '--device', 'cpu', '--sizes', '16x16', '--cudnn-benchmark']) == 0
+    assert torch.backends.cudnn.benchmark is True
+    assert benchmark.main(['floor', '--device', 'cpu', '--sizes', '16x16']) == 0
+    assert torch.backends.cudnn.benchmark is False
 
 
 def test_benchmark_rejects_bad_sizes():
