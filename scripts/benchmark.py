@@ -250,7 +250,8 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
         inputs = [(f'{h}x{w}', None) for h, w in map(parse_size, args.sizes)]
     results: Dict[str, object] = {'machine': machine_info(device), 'precision': args.precision,
                                   'scan_backend': args.scan_backend, 'channels_last': args.channels_last,
-                                  'cudnn_benchmark': args.cudnn_benchmark, 'cuda_graph': args.cuda_graph, 'triton_launch': args.triton_launch,
+                                  'cudnn_benchmark': args.cudnn_benchmark, 'cuda_graph': args.cuda_graph,
+                                  'triton_launch': args.triton_launch,
                                   'scan_config': args.scan_config,
                                   'backward_config': args.backward_config,
                                   'warmup': args.warmup, 'repeats': args.repeats, 'host_repeats': args.host_repeats,

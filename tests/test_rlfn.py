@@ -1,4 +1,5 @@
 """RLFN, the NTIRE 2024 Efficient SR baseline, and the benchmark report that is always relative to it."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -80,7 +81,6 @@ def test_benchmark_report_carries_the_rlfn_ratio(tmp_path):
 
 
 def test_benchmark_cudnn_flag_sets_and_clears_torch_setting(monkeypatch):
-    import importlib.util
     spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
