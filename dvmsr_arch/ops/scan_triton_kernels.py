@@ -438,14 +438,32 @@ def _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, ev_mask, e, DT_RANK: 
 
 
 @triton.jit
+def _lane_dt_at(delta_ptr, s_db, s_de, s_dl, pid_b, t, L, e, e_mask, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """``_lane_dt`` of token ``t``, masked past the sequence end where MASKED."""
+    valid = t < L
+    ev_mask = (e_mask & valid) if MASKED else e_mask
+    return _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, ev_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+
+
+@triton.jit
+def _lane_u_B(u_ptr, B_ptr, s_ub, s_ue, s_ul, s_Bb, s_Bn, s_Bl, pid_b, t, L, e, e_mask, n, n_mask,
+              ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """This lane's u and the row of B of token ``t`` (fp32)."""
+    valid = t < L
+    ev_mask = (e_mask & valid) if MASKED else e_mask
+    u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=ev_mask, other=0.0).to(tl.float32)
+    Bt = _row(B_ptr, pid_b * s_Bb, t, s_Bn, s_Bl, n, n_mask, valid, ALIGNED, MASKED)
+    return u, Bt
+
+
+@triton.jit
 def _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, pid_b, t, L, e, e_mask, n,
                n_mask, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """What a lane-per-channel kernel reads for token ``t``: dt's row (or this lane's delta), u, B (fp32)."""
-    valid = t < L
-    ev_mask = (e_mask & valid) if MASKED else e_mask
-    dt = _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t, valid, ev_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
-    u = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t * s_ul, mask=ev_mask, other=0.0).to(tl.float32)
-    Bt = _row(B_ptr, pid_b * s_Bb, t, s_Bn, s_Bl, n, n_mask, valid, ALIGNED, MASKED)
+    dt = _lane_dt_at(delta_ptr, s_db, s_de, s_dl, pid_b, t, L, e, e_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+    u, Bt = _lane_u_B(u_ptr, B_ptr, s_ub, s_ue, s_ul, s_Bb, s_Bn, s_Bl, pid_b, t, L, e, e_mask, n, n_mask, ALIGNED,
+                      MASKED)
     return dt, u, Bt
 
 
@@ -577,9 +595,8 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
     t = pid_c * tiles * T
     dt_next, u_next, B_next = _lane_load(u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                                          pid_b, t, L, e, e_mask, n, n_mask, DT_RANK, RANK_PAD, ALIGNED, MASKED)
-    t_after = _next_token(t, L, MASKED)
-    dt_after = _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t_after, t_after < L,
-                        (e_mask & (t_after < L)) if MASKED else e_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
+    dt_after = _lane_dt_at(delta_ptr, s_db, s_de, s_dl, pid_b, _next_token(t, L, MASKED), L, e, e_mask, DT_RANK,
+                           RANK_PAD, ALIGNED, MASKED)
     C_next = _row(C_ptr, pid_b * s_Cb, t, s_Cn, s_Cl, n, n_mask, t < L, ALIGNED, MASKED)
     z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t * s_zl, mask=(e_mask & (t < L)) if MASKED else e_mask,
                      other=0.0).to(tl.float32)
@@ -592,13 +609,11 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
             ev_mask = (e_mask & (t < L)) if MASKED else e_mask
             dt, u, Bt, Ct, z = dt_next, u_next, B_next, C_next, z_next
             t_next = _next_token(t, L, MASKED)
-            t_after = _next_token(t_next, L, MASKED)
             dt_next = dt_after
-            dt_after = _lane_dt(delta_ptr, s_db, s_de, s_dl, pid_b, t_after, t_after < L,
-                                (e_mask & (t_after < L)) if MASKED else e_mask, e, DT_RANK, RANK_PAD, ALIGNED, MASKED)
-            u_next = tl.load(u_ptr + pid_b * s_ub + e * s_ue + t_next * s_ul,
-                             mask=(e_mask & (t_next < L)) if MASKED else e_mask, other=0.0).to(tl.float32)
-            B_next = _row(B_ptr, pid_b * s_Bb, t_next, s_Bn, s_Bl, n, n_mask, t_next < L, ALIGNED, MASKED)
+            dt_after = _lane_dt_at(delta_ptr, s_db, s_de, s_dl, pid_b, _next_token(t_next, L, MASKED), L, e, e_mask,
+                                   DT_RANK, RANK_PAD, ALIGNED, MASKED)
+            u_next, B_next = _lane_u_B(u_ptr, B_ptr, s_ub, s_ue, s_ul, s_Bb, s_Bn, s_Bl, pid_b, t_next, L, e, e_mask,
+                                       n, n_mask, ALIGNED, MASKED)
             C_next = _row(C_ptr, pid_b * s_Cb, t_next, s_Cn, s_Cl, n, n_mask, t_next < L, ALIGNED, MASKED)
             z_next = tl.load(z_ptr + pid_b * s_zb + e * s_ze + t_next * s_zl,
                              mask=(e_mask & (t_next < L)) if MASKED else e_mask, other=0.0).to(tl.float32)
