@@ -167,10 +167,11 @@ def _rows_aligned(dt: Optional[Tensor], B: Tensor, C: Tensor, rank: int, state: 
 
 @dataclass(frozen=True)
 class _ForwardPlan:
-    """How a forward scan launches for one input geometry: grid, chunks and the kernels' constexprs.
-    Worked out once per geometry (``_forward_plan``), since an eager forward calls the scan eight
-    times with the same one and the host's time per call counts at small sizes."""
-    cfg: ScanConfig
+    """How a forward scan launches for one input geometry: the two passes' kernels, grid, chunks and
+    the kernels' constexprs. Worked out once per geometry (``_forward_plan``), since an eager forward
+    calls the scan eight times with the same one and the host's time per call counts at small sizes."""
+    summary: Callable
+    output: Callable
     grid: Tuple[int, int, int]
     n_chunks: int
     n_tiles: int
@@ -208,15 +209,17 @@ def _forward_plan(u: Tensor, rank: int, state: int, aligned: bool, flags: tuple,
     output_options = dict(HAS_D=has_D, HAS_Z=has_z, SAVE_STATES=save_states, **shapes,
                           **_register_cap(cfg.output_registers))
     e_blocks = _cdiv(inner, cfg.block_e)
+    summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
+    output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
     if cfg.whole_waves and u.is_cuda and n_chunks > 1:
-        output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
         resident = _resident_programs(output, lambda: output_args(n_chunks, n_tiles, tiles),
                                       dict(output_options, HAS_CARRY=True), u.device)
         if resident:
             tiles = _whole_wave_tiles(n_tiles, tiles, e_blocks * batch, resident)
             n_chunks = _cdiv(n_tiles, tiles)
     output_options['HAS_CARRY'] = n_chunks > 1
-    plan = _ForwardPlan(cfg=cfg, grid=(n_chunks, e_blocks, batch), n_chunks=n_chunks, n_tiles=n_tiles, tiles=tiles,
+    plan = _ForwardPlan(summary=summary, output=output, grid=(n_chunks, e_blocks, batch), n_chunks=n_chunks,
+                        n_tiles=n_tiles, tiles=tiles,
                         summary_options=dict(shapes, **_register_cap(cfg.summary_registers)),
                         output_options=output_options)
     if len(_forward_plans) >= MAX_PLANS:
@@ -260,14 +263,13 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     carry_in = any_t
     if plan.n_chunks > 1:
         decay, end_state, carry_in = torch.empty(3, batch, plan.n_chunks, inner, state, **f32).unbind(0)
-        summary = k._fwd_chunk_summary_lanes if plan.cfg.sequential else k._fwd_chunk_summary
-        launch(summary, plan.grid, u, delta, w, bias, A, B, decay, end_state, length, inner, state, plan.n_chunks,
+        launch(plan.summary, plan.grid, u, delta, w, bias, A, B, decay, end_state, length, inner, state, plan.n_chunks,
                plan.tiles, *strides, **plan.summary_options)
         launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
                decay, end_state, carry_in, plan.n_chunks, inner * state, REVERSE=False,
                BLOCK_C=_carry_block(plan.n_chunks), BLOCK_S=CARRY_BLOCK_STATES)
-    output = k._fwd_chunk_output_lanes if plan.cfg.sequential else k._fwd_chunk_output
-    launch(output, plan.grid, *output_args(plan.n_chunks, plan.n_tiles, plan.tiles, carry_in), **plan.output_options)
+    launch(plan.output, plan.grid, *output_args(plan.n_chunks, plan.n_tiles, plan.tiles, carry_in),
+           **plan.output_options)
     return out, states
 
 
