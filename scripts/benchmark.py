@@ -279,8 +279,8 @@ def run_report(args, device: torch.device) -> Dict[str, object]:
                 per_input[label].update(host_median_ms=statistics.median(host), host_min_ms=min(host))
             print(f'{name:6s} {label:>12s}  median {per_input[label]["median_ms"]:9.3f} ms'
                   + (f'  peak {memory:8.1f} MiB' if memory is not None else '')
-                  + (f'  host {per_input[label]["host_median_ms"]:7.3f} ms (min {min(host):.3f})' if host is not None
-                     else ''), flush=True)
+                  + (f'  host {per_input[label]["host_median_ms"]:7.3f} ms (min {per_input[label]["host_min_ms"]:.3f})'
+                     if host is not None else ''), flush=True)
         entry['inputs'] = per_input
         entry['median_over_inputs_ms'] = statistics.median(v['median_ms'] for v in per_input.values())
         entry['mean_over_inputs_ms'] = statistics.fmean(v['mean_ms'] for v in per_input.values())
