@@ -4,7 +4,8 @@
 
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
-SiLU (over its block shapes) and x_proj after it, a convolution's bias and skip added in one pass,
+SiLU (over its block shapes) and x_proj after it, conv1d's backward at the training step's size
+(over its block shapes), a convolution's bias and skip added in one pass,
 the scan with u contiguous or read from in_proj's output, and cuDNN's 3x3 convolution from token
 rows of 60 or 64 channels (the fused path pads), alone and, at the training step's size (batch 64,
 64x64), with its backward. Each number is the median of 20 calls between two CUDA events after 5
@@ -86,8 +87,19 @@ def main() -> int:
     results['conv1d alone'] = median_us(lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
     results['conv1d'] = sweep(
         {'CONV_BLOCK_L': 'tokens ', 'CONV_BLOCK_E': 'channels '},
-        itertools.product((32, 64, 128, 256), (32, 64, 128)),
+        itertools.product((16, 32, 64, 128, 256), (32, 64, 128)),
         lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
+    # Its backward (both kernels, and the sums of dw's and db's partials) at the training step's
+    # size: batch 64 of 64x64 tokens.
+    x_train = torch.randn(64, 64 * 64, E, device=dev, requires_grad=True)
+    w_train, b_train = conv_w.clone().requires_grad_(), conv_b.clone().requires_grad_()
+    y_train = fused_triton.causal_conv1d_silu_tokens(x_train, w_train, b_train)
+    dy_train = torch.randn_like(y_train)
+    results['conv1d backward, batch 64 of 64x64'] = sweep(
+        {'CONV_BWD_BLOCK_L': 'tokens ', 'CONV_BWD_BLOCK_E': 'channels ', 'CONV_BWD_WARPS': 'warps '},
+        itertools.product((8, 16, 32, 64), (32, 64, 128), (2, 4, 8)),
+        lambda: torch.autograd.grad(y_train, (x_train, w_train, b_train), dy_train, retain_graph=True))
+    del x_train, y_train, dy_train
 
     conv_out, skip, conv_bias = (torch.randn(1, LENGTH, C, device=dev), torch.randn(1, LENGTH, C, device=dev),
                                  torch.randn(C, device=dev))

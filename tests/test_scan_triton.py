@@ -118,19 +118,22 @@ def fused_case():
     result.update(ln_forward=max_rel(y.detach(), ref.detach()), ln_grad_x=max_rel(x.grad, x6.grad),
                   ln_grad_weight=max_rel(weight.grad, w6.grad), ln_grad_bias=max_rel(bias.grad, b6.grad))
 
-    # Causal depthwise conv1d + SiLU on the x half of a token-major (B, L, 2E) tensor.
-    xz = torch.randn(2, 70, 10)
-    x = xz[..., :5].requires_grad_()
-    weight, bias = torch.randn(5, 1, 4).requires_grad_(), torch.randn(5).requires_grad_()
-    x6, w6, b6 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
-    ref = F.silu(F.conv1d(F.pad(x6.transpose(1, 2), (3, 0)), w6, b6, groups=5)).transpose(1, 2)
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    with poisoned_empty():
-        y = causal_conv1d_silu_tokens(x, weight, bias)
-        y.backward(grad.float())
-    result.update(conv_forward=max_rel(y.detach(), ref.detach()), conv_grad_x=max_rel(x.grad, x6.grad),
-                  conv_grad_weight=max_rel(weight.grad, w6.grad), conv_grad_bias=max_rel(bias.grad, b6.grad))
+    # Causal depthwise conv1d + SiLU on the x half of a token-major (B, L, 2E) tensor; L=70 leaves a
+    # partial last block of tokens, and 130 channels (kernel 3) span two of the backward's channel blocks.
+    for name, channels, kernel in (('conv', 5, 4), ('conv_130_k3', 130, 3)):
+        xz = torch.randn(2, 70, 2 * channels)
+        x = xz[..., :channels].requires_grad_()
+        weight, bias = torch.randn(channels, 1, kernel).requires_grad_(), torch.randn(channels).requires_grad_()
+        x6, w6, b6 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+        ref = F.silu(F.conv1d(F.pad(x6.transpose(1, 2), (kernel - 1, 0)), w6, b6, groups=channels)).transpose(1, 2)
+        grad = torch.randn_like(ref)
+        ref.backward(grad)
+        with poisoned_empty():
+            y = causal_conv1d_silu_tokens(x, weight, bias)
+            y.backward(grad.float())
+        result.update({f'{name}_forward': max_rel(y.detach(), ref.detach()), f'{name}_grad_x': max_rel(x.grad, x6.grad),
+                       f'{name}_grad_weight': max_rel(weight.grad, w6.grad),
+                       f'{name}_grad_bias': max_rel(bias.grad, b6.grad)})
 
     # LayerNorm then in_proj in one kernel (inference), true fp32: the released width (60 -> 240,
     # and -> 120 for one half as the low-memory path runs it) over 300 rows (a partial last row
@@ -308,8 +311,8 @@ def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
 @needs_triton
 def test_layer_norm_and_causal_conv_kernels(interpreted):
     result = interpreted['fused']
-    assert ({'add_bias_skip', 'ln_linear_60_half'} | {f'pixel_shuffle_image_x{factor}' for factor in (2, 3, 4)}
-            <= set(result))
+    assert ({'add_bias_skip', 'ln_linear_60_half', 'conv_grad_weight', 'conv_130_k3_grad_x'}
+            | {f'pixel_shuffle_image_x{factor}' for factor in (2, 3, 4)} <= set(result))
     assert max(result.values()) < TOL, result
 
 

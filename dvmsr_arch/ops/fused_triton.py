@@ -20,6 +20,12 @@ LN_LINEAR_BLOCK_OUT = 64
 LN_LINEAR_WARPS = 8
 CONV_BLOCK_L = 64
 CONV_BLOCK_E = 32
+# conv1d's backward kernels: short blocks of tokens across all the channels. In a training step the
+# first of them took 218 us a call at 16 x 128 against 310 us at the forward's 64 x 32
+# (docs/performance.md, 13e).
+CONV_BWD_BLOCK_L = 16
+CONV_BWD_BLOCK_E = 128
+CONV_BWD_WARPS = 4
 ADD_BLOCK_ROWS = 64
 SHUFFLE_BLOCK_W = 32
 
@@ -136,18 +142,17 @@ class _CausalConvSilu(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         batch, length, inner = x.shape
         kernel = weight.shape[-1]
-        grid = _conv_grid(batch, length, inner)
+        grid = (_cdiv(length, CONV_BWD_BLOCK_L), _cdiv(inner, CONV_BWD_BLOCK_E), batch)
+        shape = dict(K=kernel, BLOCK_L=CONV_BWD_BLOCK_L, BLOCK_E=CONV_BWD_BLOCK_E, num_warps=CONV_BWD_WARPS)
         f32 = dict(device=x.device, dtype=torch.float32)
         gpre = torch.empty(batch, length, inner, **f32)
         dw_part = torch.empty(batch * grid[0], inner, kernel, **f32)
         db_part = torch.empty(batch * grid[0], inner, **f32)
         k = _kernels()
         launch(k._causal_conv_silu_bwd_pre, grid, x, weight, bias if bias is not None else weight, dy, gpre, dw_part,
-               db_part, length, inner, grid[0], *x.stride(), *dy.stride(), K=kernel, BLOCK_L=CONV_BLOCK_L,
-               BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
+               db_part, length, inner, grid[0], *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, **shape)
         dx = torch.empty(batch, length, inner, **f32)
-        launch(k._causal_conv_bwd_dx, grid, gpre, weight, dx, length, inner, K=kernel, BLOCK_L=CONV_BLOCK_L,
-               BLOCK_E=CONV_BLOCK_E)
+        launch(k._causal_conv_bwd_dx, grid, gpre, weight, dx, length, inner, **shape)
         dweight = dw_part.sum(0).view_as(weight).to(weight.dtype)
         dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx.to(x.dtype), dweight, dbias
