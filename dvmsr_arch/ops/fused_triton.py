@@ -126,8 +126,8 @@ def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, 
     return y
 
 
-def _conv_grid(batch: int, length: int, inner: int):
-    return (_cdiv(length, CONV_BLOCK_L), _cdiv(inner, CONV_BLOCK_E), batch)
+def _conv_grid(batch: int, length: int, inner: int, block_l: int, block_e: int):
+    return (_cdiv(length, block_l), _cdiv(inner, block_e), batch)
 
 
 class _CausalConvSilu(torch.autograd.Function):
@@ -142,7 +142,7 @@ class _CausalConvSilu(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         batch, length, inner = x.shape
         kernel = weight.shape[-1]
-        grid = (_cdiv(length, CONV_BWD_BLOCK_L), _cdiv(inner, CONV_BWD_BLOCK_E), batch)
+        grid = _conv_grid(batch, length, inner, CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_E)
         shape = dict(K=kernel, BLOCK_L=CONV_BWD_BLOCK_L, BLOCK_E=CONV_BWD_BLOCK_E, num_warps=CONV_BWD_WARPS)
         f32 = dict(device=x.device, dtype=torch.float32)
         gpre = torch.empty(batch, length, inner, **f32)
@@ -161,7 +161,7 @@ class _CausalConvSilu(torch.autograd.Function):
 def _causal_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     batch, length, inner = x.shape
     y = torch.empty(batch, length, inner, device=x.device, dtype=x.dtype)
-    launch(_kernels()._causal_conv_silu_fwd, _conv_grid(batch, length, inner),
+    launch(_kernels()._causal_conv_silu_fwd, _conv_grid(batch, length, inner, CONV_BLOCK_L, CONV_BLOCK_E),
         x, weight, bias if bias is not None else weight, y, length, inner, *x.stride(), *y.stride(),
         K=weight.shape[-1], BLOCK_L=CONV_BLOCK_L, BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
     return y
