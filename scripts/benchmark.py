@@ -13,7 +13,9 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
 ``scan``      the Triton scan against the float64 ``ref`` scan on fresh random inputs (forward and
               all gradients, odd lengths, poisoned outputs), then its kernel shapes timed.
 ``fidelity``  true-fp32 max difference to the float64 path, and Set5 PSNR in every precision mode.
-``train``     one training step (batch 64, LR 64x64, fwd + bwd + Adam) and gradients against float64.
+``train``     one training step (batch 64, LR 64x64, fwd + bwd + Adam; under fp16/bf16 autocast around
+              the forward), the CPU time to issue it, and gradients against float64 (true fp32, and
+              under the autocast of --precision); ``--cuda-graph`` times replays of the whole step.
 ``profile``   PyTorch profiler, GPU kernel time per forward, per kernel.
 ``floor``     bytes and exp2 the released student must move and compute per size, and the times
               they take at given ceilings (no device needed).
@@ -135,20 +137,21 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repe
     return times
 
 
-def host_times(fn: Callable[[], object], device: torch.device, repeats: int) -> Optional[List[float]]:
+def host_times(fn: Callable[[], object], device: torch.device, repeats: int,
+               sleep_s: float = 0.02) -> Optional[List[float]]:
     """Milliseconds the CPU takes to issue each of ``repeats`` calls while the GPU is still busy with
     a long kernel queued before it, so that no launch waits for the GPU. When this comes close to the
     GPU time, a timing is bound by the CPU's launch overhead rather than by the kernels (and varies
     with the host's load); a CUDA graph removes it. None off CUDA."""
     if device.type != 'cuda' or not hasattr(torch.cuda, '_sleep'):
         return None
-    # A bound on the SM clock: the sleep below lasts at least 20 ms, several times what a forward
-    # takes to issue, and a hundred samples (--host-repeats) take seconds, not a minute.
+    # A bound on the SM clock: the sleep lasts at least ``sleep_s`` (20 ms: several times what a forward
+    # takes to issue, and a hundred samples (--host-repeats) take seconds, not a minute).
     clock_hz = 2e9
     times = []
     for _ in range(repeats):
         synchronize(device)
-        torch.cuda._sleep(int(0.02 * clock_hz))
+        torch.cuda._sleep(int(sleep_s * clock_hz))
         start_s = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start_s) * 1e3)
@@ -582,26 +585,72 @@ def run_fidelity(args, device: torch.device) -> Dict[str, object]:
 
 
 def train_step(name: str, device: torch.device, backend: str, batch: int, size: Tuple[int, int],
-               channels_last: bool) -> Callable[[], None]:
-    """One optimisation step of ``name`` (L1 loss, Adam) on fixed random LR/HR tensors."""
+               channels_last: bool, mode: str = 'tf32', graphed: bool = False) -> Callable[[], None]:
+    """One optimisation step of ``name`` (L1 loss, Adam) on fixed random LR/HR tensors.
+
+    Under ``fp16``/``bf16`` the forward and the loss run under autocast, entered afresh each step as a
+    training loop would: one autocast region over several steps would keep reusing the weights'
+    half-precision copies it cached at the first step. The TF32 switches are the caller's
+    (``precision``). ``graphed`` captures the step as one CUDA graph on its first call (PyTorch's
+    whole-network capture, Adam with ``capturable=True``); later calls replay it, without the host.
+    """
     torch.manual_seed(0)
     net = build_model(name, device, backend, None, channels_last).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, capturable=graphed)
     height, width = size
     scale = PIXEL_RANGE[name]
     lr = torch.rand(batch, 3, height, width, device=device) * scale
     hr = torch.rand(batch, 3, height * 4, width * 4, device=device) * scale
     if channels_last:
         lr = lr.contiguous(memory_format=torch.channels_last)
+    half = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(mode)
+
+    def forward_backward():
+        # A graph must not replay casts autocast cached while it was being recorded.
+        with torch.autocast(device.type, dtype=half, cache_enabled=not graphed) if half else nullcontext():
+            loss = F.l1_loss(net(lr), hr)
+        loss.backward()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.l1_loss(net(lr), hr).backward()
+        forward_backward()
         optimizer.step()
-    return step
+    if not graphed:
+        return step
+    replay: List[Callable[[], None]] = []
+
+    def graphed_step():
+        if not replay:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):  # Triton compiles, cuBLAS and cuDNN pick kernels, Adam builds its state
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            optimizer.zero_grad(set_to_none=True)  # the gradients come from the graph's pool
+            with torch.cuda.graph(graph):
+                forward_backward()
+                optimizer.step()
+            replay.append(graph.replay)
+        replay[0]()
+    return graphed_step
+
+
+def _tf32_switches(mode: str) -> str:
+    """The precision mode whose TF32 switches ``mode`` uses, without its autocast (see ``train_step``)."""
+    return 'fp32' if mode == 'fp32' else 'tf32'
+
+
+FP16_TRAINING = ('--precision fp16: fp16 training needs loss scaling, which the training step does not time; '
+                 'use bf16, tf32 or fp32')
 
 
 def run_train(args, device: torch.device) -> Dict[str, object]:
+    if args.precision == 'fp16':
+        # Without loss scaling fp16 gradients underflow to zero (an L1 loss over a batch of 64 starts
+        # them at 1/N, about 2e-7); bf16 has fp32's range.
+        raise ValueError(FP16_TRAINING)
     results: Dict[str, object] = {'machine': machine_info(device), 'cudnn_benchmark': args.cudnn_benchmark,
                                   'batch': args.train_batch,
                                   'lr_size': args.train_size, 'precision': args.precision,
@@ -609,14 +658,21 @@ def run_train(args, device: torch.device) -> Dict[str, object]:
     size = parse_size(args.train_size)
     runs = [('dvmsr', backend) for backend in args.train_backends
             if backend == 'auto' or backend in available_backends(device)] + [('rlfn', 'auto')]
+    graphed = args.cuda_graph and device.type == 'cuda'
+    results['cuda_graph'] = graphed
     for name, backend in runs:
-        step = train_step(name, device, backend, args.train_batch, size, args.channels_last)
-        with precision(args.precision, device):
+        step = train_step(name, device, backend, args.train_batch, size, args.channels_last, args.precision, graphed)
+        with precision(_tf32_switches(args.precision), device):
             times = time_calls(step, device, args.warmup, args.repeats)
             memory = peak_memory_mib(step, device)
+            # The host's share: what issuing one step costs the CPU while the GPU is busy elsewhere.
+            host = None if graphed else host_times(step, device, args.host_repeats, sleep_s=0.2)
         key = f'dvmsr_{resolve_backend(backend, device)}' if name == 'dvmsr' else 'rlfn'
         results['steps'][key] = dict(summary(times), peak_memory_mib=memory)
-        print(f'train step {key}: median {results["steps"][key]["median_ms"]:.2f} ms', flush=True)
+        if host:
+            results['steps'][key]['host_median_ms'] = statistics.median(host)
+        print(f'train step {key}: median {results["steps"][key]["median_ms"]:.2f} ms'
+              + (f', host {statistics.median(host):.2f} ms to issue' if host else ''), flush=True)
         del step
     if 'rlfn' in results['steps']:
         for key, entry in results['steps'].items():
@@ -631,12 +687,28 @@ def run_train(args, device: torch.device) -> Dict[str, object]:
     with precision('fp32', device):
         F.l1_loss(fast(lr), target).backward()
     F.l1_loss(ref(lr.double()), target.double()).backward()
-    worst = {name: _max_rel(p.grad, q.grad) for (name, p), q in zip(fast.named_parameters(), ref.parameters())}
-    results['grad_check'] = {'backend': resolve_backend(args.scan_backend, device), 'max_rel_worst': max(worst.values()),
-                             'worst_parameter': max(worst, key=worst.get), 'per_parameter': worst}
-    print(f'train grads vs float64: worst max-rel {results["grad_check"]["max_rel_worst"]:.2e} '
-          f'({results["grad_check"]["worst_parameter"]})', flush=True)
+    checks = {'fp32': _grads_against(fast, ref)}
+    half = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(args.precision)
+    if half is not None:
+        # The same gradients under the step's autocast: how far half-precision activations move them.
+        fast.zero_grad(set_to_none=True)
+        with precision('tf32', device):
+            with torch.autocast(device.type, dtype=half):
+                loss = F.l1_loss(fast(lr), target)
+            loss.backward()
+        checks[args.precision] = _grads_against(fast, ref)
+    for mode, worst in checks.items():
+        entry = {'backend': resolve_backend(args.scan_backend, device), 'max_rel_worst': max(worst.values()),
+                 'worst_parameter': max(worst, key=worst.get), 'per_parameter': worst}
+        results['grad_check' if mode == 'fp32' else f'grad_check_{mode}'] = entry
+        print(f'train grads vs float64 ({mode}): worst max-rel {entry["max_rel_worst"]:.2e} '
+              f'({entry["worst_parameter"]})', flush=True)
     return results
+
+
+def _grads_against(fast: torch.nn.Module, ref: torch.nn.Module) -> Dict[str, float]:
+    """Each parameter's gradient, max |fast - ref| over max |ref|."""
+    return {name: _max_rel(p.grad, q.grad) for (name, p), q in zip(fast.named_parameters(), ref.parameters())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,14 +730,14 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                 continue
             if args.profile_train:
                 work = train_step(name, device, backend, args.train_batch, parse_size(args.train_size),
-                                  args.channels_last)
-                mode = nullcontext()
+                                  args.channels_last, args.precision)
+                mode, switches = nullcontext(), _tf32_switches(args.precision)
             else:
                 net = build_model(name, device, backend, None, args.channels_last)
                 x = torch.rand(1, 3, height, width, device=device) * PIXEL_RANGE[name]
-                work, mode = partial(net, x), torch.inference_mode()
+                work, mode, switches = partial(net, x), torch.inference_mode(), args.precision
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-            with mode, precision(args.precision, device):
+            with mode, precision(switches, device):
                 for _ in range(3):
                     work()
                 synchronize(device)
@@ -786,7 +858,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--low-memory', action='store_true',
                         help='DVMSR inference computes in_proj in halves, never holding x, z and u at once '
                              '(dvmsr_arch.ops.low_memory_inference)')
-    parser.add_argument('--cuda-graph', action='store_true', help='report: time CUDA-graph replays of each forward')
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='report: time CUDA-graph replays of each forward; train: of the whole step')
     parser.add_argument('--triton-launch', default='direct', choices=('direct', 'jit'),
                         help="how DVMSR's Triton kernels are launched: straight to the compiled kernel once "
                         "compiled (direct, the default) or through Triton's JIT each time (see dvmsr_arch.ops.launch)")
@@ -828,6 +901,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for flag in ('--repeats', '--host-repeats', '--profile-runs'):
         if getattr(args, flag[2:].replace('-', '_')) < 1:
             parser.error(f'{flag} must be at least 1')
+    if args.precision == 'fp16' and (args.command == 'train' or args.command == 'profile' and args.profile_train):
+        parser.error(FP16_TRAINING)
     args.weights = parse_weights(args.weights)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():

@@ -98,6 +98,30 @@ def test_benchmark_rejects_bad_sizes():
     assert "size '16by16'" in proc.stderr
 
 
+def test_benchmark_train_checks_gradients_in_fp32_and_under_bf16_autocast(tmp_path):
+    out = tmp_path / 'bench'
+    proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'train', '--device', 'cpu',
+                           '--precision', 'bf16', '--train-backends', 'torch', '--train-batch', '1',
+                           '--train-size', '16x16', '--warmup', '0', '--repeats', '1', '--out', str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / 'train.json').read_text())
+    assert set(results['steps']) == {'dvmsr_torch', 'rlfn'} and results['precision'] == 'bf16'
+    assert results['grad_check']['max_rel_worst'] < 1e-4
+    bf16 = results['grad_check_bf16']['per_parameter']
+    assert len(bf16) == len(results['grad_check']['per_parameter'])
+    # bf16 activations move the gradients, but they stay gradients: none vanishes (a relative error
+    # of 1) and the typical parameter's is a few percent.
+    assert max(bf16.values()) < 0.9 and sorted(bf16.values())[len(bf16) // 2] < 0.05
+
+
+def test_benchmark_refuses_fp16_training():
+    proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'train', '--device', 'cpu',
+                           '--precision', 'fp16'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert '--precision fp16: fp16 training needs loss scaling' in proc.stderr
+
+
 @pytest.mark.parametrize('flag', ['--repeats', '--host-repeats', '--profile-runs'])
 def test_benchmark_rejects_counts_below_one(flag):
     proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'report', '--device', 'cpu',
