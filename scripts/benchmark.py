@@ -22,7 +22,9 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
 ``all``       report, scan, fidelity, train and profile in one process.
 
 Precision modes: ``fp32`` (true fp32: no TF32 anywhere), ``tf32`` (the default fast mode: TF32
-for matmuls and convolutions), ``fp16``/``bf16`` (autocast; the scan state stays fp32).
+for matmuls and convolutions), ``fp16``/``bf16`` (autocast; the scan state stays fp32), ``tf32-conv``
+(PyTorch's own defaults, TF32 for convolutions only: a BasicSR run whose option file has no ``tf32``
+key).
 """
 import argparse
 import json
@@ -58,7 +60,7 @@ DEFAULT_WEIGHTS = {
 }
 # Pixel range each network takes: DVMSR [0, 1], RLFN [0, 255].
 PIXEL_RANGE = {'dvmsr': 1.0, 'rlfn': 255.0}
-PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16')
+PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'tf32-conv')
 MIB = 2**20
 
 
@@ -101,8 +103,8 @@ def precision(mode: str, device: torch.device):
     if mode not in PRECISIONS:
         raise SystemExit(f'--precision {mode!r}: use one of {", ".join(PRECISIONS)}')
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    tf32 = mode != 'fp32'
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = mode not in ('fp32', 'tf32-conv')
+    torch.backends.cudnn.allow_tf32 = mode != 'fp32'
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(mode)
     try:
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
@@ -639,7 +641,7 @@ def train_step(name: str, device: torch.device, backend: str, batch: int, size: 
 
 def _tf32_switches(mode: str) -> str:
     """The precision mode whose TF32 switches ``mode`` uses, without its autocast (see ``train_step``)."""
-    return 'fp32' if mode == 'fp32' else 'tf32'
+    return mode if mode in ('fp32', 'tf32-conv') else 'tf32'
 
 
 FP16_TRAINING = ('--precision fp16: fp16 training needs loss scaling, which the training step does not time; '
