@@ -8,6 +8,7 @@ before any GPU memory is taken and before anything in ``experiments/`` is touche
 
 What is checked (see ``docs/robustness.md``):
 
+* the keys every run needs, numbers that are numbers, and ``tf32`` (if given) true or false;
 * every ``network_*``: a registered ``type``, only keys its constructor takes, a constructor that
   accepts the values (an unknown ``scan_backend`` included) and a scan backend that can run on the
   device the run will use;
@@ -62,7 +63,8 @@ class CorruptImageError(ValueError):
 
 
 def run_checked(pipeline: Callable[[str], None], root_path: str, is_train: bool) -> None:
-    """Check the option file named on the command line, then run ``pipeline(root_path)``.
+    """Check the option file named on the command line, set its ``tf32`` switch (:func:`apply_tf32`),
+    then run ``pipeline(root_path)``.
 
     An :class:`InputError`, whether found here or raised later inside the pipeline (a non-finite
     loss, a corrupt image with ``on_corrupt: error``), ends the process with one line on stderr and
@@ -77,11 +79,24 @@ def run_checked(pipeline: Callable[[str], None], root_path: str, is_train: bool)
     except InputError as error:
         # Every rank runs the same checks on the same files; one copy of the line is enough.
         _exit_with(error, print_it=_is_first_rank())
+    apply_tf32(opt)
     try:
         pipeline(root_path)
     except InputError as error:
         # At run time the ranks can differ (a corrupt image in one rank's share): each says its own.
         _exit_with(error, print_it=True, prefix=_rank_prefix())
+
+
+def apply_tf32(opt: dict) -> None:
+    """The option file's top-level ``tf32`` key on PyTorch's switches, for the whole process.
+
+    ``true`` lets matmuls and convolutions use TF32 on GPUs that have it; ``false`` lets neither (true
+    fp32); no key keeps PyTorch's defaults, which allow TF32 for convolutions but not for matmuls.
+    BasicSR sets neither, so without the key DVMSR's projections run in true fp32: a training step of
+    the student takes longer by a third on an H100 (docs/performance.md, version 14).
+    """
+    if 'tf32' in opt:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opt['tf32']
 
 
 def _exit_with(error: BaseException, print_it: bool, prefix: str = '') -> None:
@@ -210,6 +225,8 @@ def _check_required_keys(opt: dict) -> None:
                 raise InputError(f'{dotted}: {value!r} is not a number (in --force_yml write "!!float 1e-4")')
     if not opt['is_train'] and not opt['datasets']:
         raise InputError(f'{opt["opt_file"]}: datasets is empty; name at least one test set')
+    if 'tf32' in opt and not isinstance(opt['tf32'], bool):
+        raise InputError(f'{opt["opt_file"]}: tf32 must be true or false, not {opt["tf32"]!r}')
 
 
 def _run_device(opt: dict) -> torch.device:

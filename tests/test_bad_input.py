@@ -190,6 +190,25 @@ def test_force_yml_number_written_as_string(tmp_path, monkeypatch, data, experim
     assert message.startswith("train.optim_g.lr: '1e-4' is not a number")
 
 
+@pytest.mark.parametrize('value', ['yes', 1])
+def test_tf32_that_is_not_a_boolean(tmp_path, monkeypatch, data, experiment, value):
+    opt = dict(tiny.training_options(experiment, **data['lmdb']), tf32=value)
+    assert problem(tmp_path, monkeypatch, opt).endswith(f'opt.yml: tf32 must be true or false, not {value!r}')
+
+
+@pytest.mark.parametrize('value', [True, False, None])
+def test_tf32_sets_both_switches_or_leaves_them(value):
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32, cudnn.allow_tf32 = False, True  # PyTorch's defaults
+    try:
+        checks.apply_tf32({} if value is None else {'tf32': value})
+        switches = matmul.allow_tf32, cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+    assert switches == ((False, True) if value is None else (value, value))
+
+
 def test_one_line_keeps_the_worker_message_only():
     worker_style = checks.InputError('Caught InputError in DataLoader worker process 0.\nOriginal Traceback (most '
                                      'recent call last):\n  File "x.py", line 1, in f\n'
