@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         '64 or more keeps PSNR within 0.05 dB on Set5, see docs/usage.md')
     parser.add_argument('--tile-pad', type=int, default=16, help='context around each tile, input pixels (default 16)')
     parser.add_argument('--half', action='store_true', help='run in float16 (CUDA only)')
+    parser.add_argument('--fp32', action='store_true',
+                        help='true fp32 matmuls and convolutions on GPUs (default: TF32 for both, which moves Set5 '
+                        'PSNR by about 0.0001 dB; see docs/usage.md)')
     parser.add_argument('--cuda-graph', action='store_true',
                         help='replay the network from a CUDA graph captured per input size (CUDA only): faster '
                         'where sizes repeat, as the tiles of --tile do; see docs/usage.md')
@@ -93,6 +96,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
+        # PyTorch allows TF32 for convolutions only; DVMSR's projections are matmuls, and in true
+        # fp32 its forward takes 10.0 instead of 6.0 ms at 339x510 on an H100 (docs/usage.md).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.fp32
         if args.half and device.type != 'cuda':
             raise ValueError('--half needs a CUDA device')
         if args.cuda_graph and device.type != 'cuda':
