@@ -149,8 +149,10 @@ def probe(args) -> None:
 
     import dvmsr_arch  # noqa: F401
     from basicsr.archs import build_network
+    from dvmsr_arch.checks import apply_tf32
     from dvmsr_arch.ops import resolve_backend
 
+    apply_tf32(json.loads(args.switches))  # the precision the runs will use, as train.py sets it
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     memory = torch.cuda.get_device_properties(device).total_memory / 2**20 if device.type == 'cuda' else None
     nets = json.loads(args.nets)
@@ -195,10 +197,11 @@ def probe(args) -> None:
         json.dump(result, f, indent=1)
 
 
-def run_probe(nets: dict, work: str, batches=(2, 4)) -> dict:
+def run_probe(nets: dict, switches: dict, work: str, batches=(2, 4)) -> dict:
     out = osp.join(work, 'probe.json')
     subprocess.run([sys.executable, osp.abspath(__file__), 'probe', '--out', out, '--nets', json.dumps(nets),
-                    '--batches', *map(str, batches)], check=True, env=child_env([0] if gpu_inventory() else None))
+                    '--switches', json.dumps(switches), '--batches', *map(str, batches)], check=True,
+                   env=child_env([0] if gpu_inventory() else None))
     with open(out) as f:
         return json.load(f)
 
@@ -409,6 +412,7 @@ def main() -> None:
         probe_parser = argparse.ArgumentParser(prog='ddp_check.py probe')
         probe_parser.add_argument('--out', required=True)
         probe_parser.add_argument('--nets', required=True)
+        probe_parser.add_argument('--switches', default='{}', help="the option file's tf32 key, as JSON")
         probe_parser.add_argument('--batches', type=int, nargs=2, required=True)
         probe(probe_parser.parse_args(sys.argv[2:]))
         return
@@ -451,6 +455,7 @@ def main() -> None:
         teacher_opt['network_g'] = dict(TINY_TEACHER)
         student_opt['network_g'], student_opt['network_t'] = dict(TINY_STUDENT), dict(TINY_TEACHER)
     nets = {'teacher': teacher_opt['network_g'], 'student': student_opt['network_g']}
+    switches = {key: teacher_opt[key] for key in ('tf32',) if key in teacher_opt}
 
     log('data')
     data = prepare_data(args.hr, args.work)
@@ -460,7 +465,7 @@ def main() -> None:
         os.environ['DVMSR_SCAN_BACKEND'] = args.scan_backend  # every child inherits it
     log(f'{data["count"]} training sub-images; probe')
     try:
-        summary['probe'] = run_probe(nets, args.work)
+        summary['probe'] = run_probe(nets, switches, args.work)
     except subprocess.CalledProcessError:
         if os.environ.get('DVMSR_SCAN_BACKEND', 'auto') == 'torch':
             raise
@@ -469,7 +474,7 @@ def main() -> None:
         log('probe failed with the automatic scan backend; retrying with DVMSR_SCAN_BACKEND=torch')
         summary['scan_backend_fallback'] = 'torch'
         os.environ['DVMSR_SCAN_BACKEND'] = 'torch'
-        summary['probe'] = run_probe(nets, args.work)
+        summary['probe'] = run_probe(nets, switches, args.work)
     teacher_fit, distill_fit = summary['probe']['teacher']['fit'], summary['probe']['distill']['fit']
     # The step time scales the log, validation and checkpoint intervals only; a batch given on the
     # command line keeps the probe's per-image time.
