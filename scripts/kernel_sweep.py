@@ -3,7 +3,8 @@
     python scripts/kernel_sweep.py --out results/kernel_sweep.json
 
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
-rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
+rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes; also at the
+teacher's 192 channels, batch 64 of 64x64, which ``--wide-only`` runs alone), conv1d +
 SiLU (over its block shapes) and x_proj after it, conv1d's backward at the training step's size
 (over its block shapes), a convolution's bias and skip added in one pass,
 the scan with u contiguous or read from in_proj's output, and cuDNN's 3x3 convolution from token
@@ -31,6 +32,7 @@ from benchmark import time_calls  # noqa: E402  (scripts/, this file's folder)
 from dvmsr_arch.ops import fused_triton, scan_triton  # noqa: E402
 
 LENGTH, C, E, N, R = 339 * 510, 60, 120, 16, 4
+WIDE_C = 192  # the teacher's embed_dim
 
 
 def median_us(fn, warmup: int = 5, repeats: int = 20) -> float:
@@ -61,6 +63,7 @@ def sweep(setting: dict, shapes, fn) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', help='JSON file for the results')
+    parser.add_argument('--wide-only', action='store_true', help="only LayerNorm + in_proj at the teacher's width")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('kernel_sweep.py needs a CUDA GPU')
@@ -68,6 +71,23 @@ def main() -> int:
     torch.manual_seed(0)
     dev = torch.device('cuda')
     results = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'length': LENGTH}
+
+    # The teacher's width (192 -> 768), which the distillation step's teacher forward and validation
+    # run without autograd, at the training step's 64 x 64 x 64 tokens: the two kernels apart (what
+    # the network runs past LN_LINEAR_MAX_CHANNELS), and the fused one made to run anyway.
+    wide = torch.randn(64, 64 * 64, WIDE_C, device=dev)
+    wide_w, wide_b = torch.randn(WIDE_C, device=dev), torch.randn(WIDE_C, device=dev)
+    wide_in = torch.randn(8 * WIDE_C, WIDE_C, device=dev) * 0.05
+    results[f'layer_norm + in_proj at {WIDE_C} channels, separate'] = median_us(
+        lambda: F.linear(fused_triton.layer_norm_tokens(wide, wide_w, wide_b, 1e-5), wide_in))
+    results[f'layer_norm_linear at {WIDE_C} channels'] = sweep(
+        {'LN_LINEAR_MAX_CHANNELS': 'fused up to ', 'LN_LINEAR_BLOCK_ROWS': 'rows ', 'LN_LINEAR_BLOCK_OUT': 'out ',
+         'LN_LINEAR_WARPS': 'warps '},
+        itertools.product((WIDE_C,), (16, 32, 64), (32, 64), (4, 8)),
+        lambda: fused_triton.layer_norm_linear_tokens(wide, wide_w, wide_b, 1e-5, wide_in))
+    del wide
+    if args.wide_only:
+        return _write(results, args.out)
 
     tokens = torch.randn(1, LENGTH, C, device=dev)
     norm_w, norm_b = torch.randn(C, device=dev), torch.randn(C, device=dev)
@@ -133,10 +153,14 @@ def main() -> int:
         grad = torch.randn(64, 64 * 64, out_channels, device=dev).transpose(1, 2).reshape(64, out_channels, 64, 64)
         label = f'conv 3x3 forward + backward, batch 64 of 64x64, {in_channels} -> {out_channels} channels'
         results[label] = median_us(lambda: F.conv2d(batch, weight, None, 1, 1).backward(grad))
+    return _write(results, args.out)
+
+
+def _write(results: dict, out) -> int:
     print(json.dumps(results, indent=1))
-    if args.out:
-        os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
+    if out:
+        os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+        with open(out, 'w') as f:
             json.dump(results, f, indent=1)
     return 0
 

@@ -137,10 +137,12 @@ def fused_case():
 
     # LayerNorm then in_proj in one kernel (inference), true fp32: the released width (60 -> 240,
     # and -> 120 for one half as the low-memory path runs it) over 300 rows (a partial last row
-    # block), and a narrow one (6 -> 24) from strided input.
+    # block), a narrow one (6 -> 24) from strided input, and the teacher's width (192 -> 768), past
+    # LN_LINEAR_MAX_CHANNELS: LayerNorm and the matmul apart.
     for name, channels, out_features, x in (('ln_linear_60', 60, 240, torch.randn(2, 150, 60)),
                                             ('ln_linear_60_half', 60, 120, torch.randn(2, 150, 60)),
-                                            ('ln_linear_6', 6, 24, torch.randn(1, 6, 37).transpose(1, 2))):
+                                            ('ln_linear_6', 6, 24, torch.randn(1, 6, 37).transpose(1, 2)),
+                                            ('ln_linear_192', 192, 768, torch.randn(1, 70, 192))):
         norm_w, norm_b = torch.randn(channels), torch.randn(channels)
         weight = torch.randn(out_features, channels) * channels**-0.5
         ref = F.linear(F.layer_norm(x.double(), (channels,), norm_w.double(), norm_b.double(), 1e-5), weight.double())
@@ -311,7 +313,7 @@ def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
 @needs_triton
 def test_layer_norm_and_causal_conv_kernels(interpreted):
     result = interpreted['fused']
-    assert ({'add_bias_skip', 'ln_linear_60_half', 'conv_grad_weight', 'conv_130_k3_grad_x'}
+    assert ({'add_bias_skip', 'ln_linear_60_half', 'ln_linear_192', 'conv_grad_weight', 'conv_130_k3_grad_x'}
             | {f'pixel_shuffle_image_x{factor}' for factor in (2, 3, 4)} <= set(result))
     assert max(result.values()) < TOL, result
 
@@ -383,6 +385,30 @@ def test_scan_on_gpu_matches_float64_ref():
         assert not row['forward_nan'] and not row['grad_nan'] and row['out_matches'], row
         assert row['forward_max_rel'] < 1e-4
         assert max(v for k, v in row.items() if k.startswith('grad_') and k.endswith('_max_rel')) < 1e-4, row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason='needs a CUDA GPU')
+@pytest.mark.parametrize('relative', ['train/teacher_x4.yml', 'train/ablation/channels_210.yml'])
+def test_wide_networks_run_the_triton_inference_path_on_gpu(relative):
+    """The teacher forwards without autograd in every distillation step and in validation: its 192
+    channels once asked more shared memory of the fused LayerNorm + in_proj kernel than a GPU has."""
+    import yaml
+    from dvmsr_arch.archs.dvmsr_arch import DVMSR
+    spec = {k: v for k, v in yaml.safe_load((REPO / 'options' / relative).read_text())['network_g'].items()
+            if k != 'type'}
+    torch.manual_seed(0)
+    fast = DVMSR(**dict(spec, scan_backend='triton', drop_path_rate=0.0)).cuda().eval()
+    plain = DVMSR(**dict(spec, scan_backend='torch', drop_path_rate=0.0)).cuda().eval()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 3, 24, 40, device='cuda')
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            out, ref = fast(x), plain(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+    assert (out - ref).abs().max().item() < 1e-4
 
 
 if __name__ == '__main__':

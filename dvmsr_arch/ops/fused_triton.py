@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .launch import launch
@@ -16,6 +17,11 @@ from .scan_triton import _cdiv, _pow2
 
 LN_BLOCK_ROWS = 32
 LN_LINEAR_BLOCK_ROWS = 128
+# LayerNorm + Linear in one kernel pays for narrow rows only (the student's 60 channels). At the
+# teacher's 192 it took 1.9-6.4 ms a call over its block shapes against 0.95-1.0 ms for the two apart
+# (batch 64 of 64x64 tokens, H100, `kernel_sweep.py --wide-only`), and at 128 rows a program it asked
+# for 352 KiB of shared memory, where an H100 has 227 KiB a block.
+LN_LINEAR_MAX_CHANNELS = 64
 LN_LINEAR_BLOCK_OUT = 64
 LN_LINEAR_WARPS = 8
 CONV_BLOCK_L = 64
@@ -109,12 +115,16 @@ def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, 
     """``F.linear(F.layer_norm(x), weight)`` without bias, for inference: one kernel reads x once and
     writes only the projection, instead of writing the normalised tokens and reading them again.
 
-    x (batch, L, C) any strides with C <= 128; weight (OUT, C). The matmul uses TF32 when
+    x (batch, L, C) any strides; weight (OUT, C). The matmul uses TF32 when
     ``torch.backends.cuda.matmul.allow_tf32`` allows it, as ``F.linear`` would. Returns a contiguous
-    (batch, L, OUT) tensor of x's dtype.
+    (batch, L, OUT) tensor of x's dtype (or ``out_dtype``). Rows wider than ``LN_LINEAR_MAX_CHANNELS``
+    go through :func:`layer_norm_tokens` and ``F.linear`` instead.
     """
     batch, length, channels = x.shape
     out_features = weight.shape[0]
+    if channels > LN_LINEAR_MAX_CHANNELS:
+        normalised = layer_norm_tokens(x, norm_weight, norm_bias, eps)
+        return F.linear(normalised, weight.to(normalised.dtype)).to(out_dtype or x.dtype)
     rows = batch * length
     y = torch.empty(batch, length, out_features, device=x.device, dtype=out_dtype or x.dtype)
     # OUT is a constexpr: the compiler then knows where y's rows start and stores whole vectors for
