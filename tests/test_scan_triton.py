@@ -401,14 +401,21 @@ def test_wide_networks_run_the_triton_inference_path_on_gpu(relative):
     plain = DVMSR(**dict(spec, scan_backend='torch', drop_path_rate=0.0)).cuda().eval()
     plain.load_state_dict(fast.state_dict())
     x = torch.rand(2, 3, 24, 40, device='cuda')
+    from dvmsr_arch.ops import low_memory_inference
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.no_grad():
-            out, ref = fast(x), plain(x)
+            ref = plain(x)
+            out = fast(x)
+            with low_memory_inference():
+                low_memory = fast(x)
+            with torch.autocast('cuda', dtype=torch.float16):
+                half = fast(x)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
-    assert (out - ref).abs().max().item() < 1e-4
+    assert (out - ref).abs().max().item() < 1e-4 and (low_memory - ref).abs().max().item() < 1e-4
+    assert max_rel(half.float(), ref) < 5e-3
 
 
 if __name__ == '__main__':
