@@ -92,8 +92,9 @@ def apply_tf32(opt: dict) -> None:
 
     ``true`` lets matmuls and convolutions use TF32 on GPUs that have it; ``false`` lets neither (true
     fp32); no key keeps PyTorch's defaults, which allow TF32 for convolutions but not for matmuls.
-    BasicSR sets neither, so without the key DVMSR's projections run in true fp32: a training step of
-    the student takes longer by a third on an H100 (docs/performance.md, version 14).
+    BasicSR sets neither, so without the key DVMSR's projections run in true fp32: on an H100 the
+    student's training step then takes about a tenth longer, a distillation step a third longer and
+    an evaluation forward two thirds longer (docs/performance.md, version 14).
     """
     if 'tf32' in opt:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opt['tf32']

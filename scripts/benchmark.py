@@ -651,7 +651,7 @@ FP16_TRAINING = ('--precision fp16: fp16 training needs loss scaling, which the 
 def run_train(args, device: torch.device) -> Dict[str, object]:
     if args.precision == 'fp16':
         # Without loss scaling fp16 gradients underflow to zero (an L1 loss over a batch of 64 starts
-        # them at 1/N, about 2e-7); bf16 has fp32's range.
+        # them at 1/N, about 8e-8, below fp16's smallest normal number); bf16 has fp32's range.
         raise ValueError(FP16_TRAINING)
     results: Dict[str, object] = {'machine': machine_info(device), 'cudnn_benchmark': args.cudnn_benchmark,
                                   'batch': args.train_batch,

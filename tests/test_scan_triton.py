@@ -394,6 +394,7 @@ def test_wide_networks_run_the_triton_inference_path_on_gpu(relative):
     channels once asked more shared memory of the fused LayerNorm + in_proj kernel than a GPU has."""
     import yaml
     from dvmsr_arch.archs.dvmsr_arch import DVMSR
+    from dvmsr_arch.ops import low_memory_inference
     spec = {k: v for k, v in yaml.safe_load((REPO / 'options' / relative).read_text())['network_g'].items()
             if k != 'type'}
     torch.manual_seed(0)
@@ -401,7 +402,6 @@ def test_wide_networks_run_the_triton_inference_path_on_gpu(relative):
     plain = DVMSR(**dict(spec, scan_backend='torch', drop_path_rate=0.0)).cuda().eval()
     plain.load_state_dict(fast.state_dict())
     x = torch.rand(2, 3, 24, 40, device='cuda')
-    from dvmsr_arch.ops import low_memory_inference
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
