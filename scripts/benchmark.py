@@ -61,6 +61,7 @@ DEFAULT_WEIGHTS = {
 # Pixel range each network takes: DVMSR [0, 1], RLFN [0, 255].
 PIXEL_RANGE = {'dvmsr': 1.0, 'rlfn': 255.0}
 PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'tf32-conv')
+AUTOCAST_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}  # the modes that run under autocast
 MIB = 2**20
 
 
@@ -105,7 +106,7 @@ def precision(mode: str, device: torch.device):
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = mode not in ('fp32', 'tf32-conv')
     torch.backends.cudnn.allow_tf32 = mode != 'fp32'
-    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(mode)
+    dtype = AUTOCAST_DTYPES.get(mode)
     try:
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
             yield
@@ -605,7 +606,7 @@ def train_step(name: str, device: torch.device, backend: str, batch: int, size: 
     hr = torch.rand(batch, 3, height * 4, width * 4, device=device) * scale
     if channels_last:
         lr = lr.contiguous(memory_format=torch.channels_last)
-    half = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(mode)
+    half = AUTOCAST_DTYPES.get(mode)
 
     def forward_backward():
         # A graph must not replay casts autocast cached while it was being recorded.
@@ -690,7 +691,7 @@ def run_train(args, device: torch.device) -> Dict[str, object]:
         F.l1_loss(fast(lr), target).backward()
     F.l1_loss(ref(lr.double()), target.double()).backward()
     checks = {'fp32': _grads_against(fast, ref)}
-    half = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(args.precision)
+    half = AUTOCAST_DTYPES.get(args.precision)
     if half is not None:
         # The same gradients under the step's autocast: how far half-precision activations move them.
         fast.zero_grad(set_to_none=True)

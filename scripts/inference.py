@@ -24,6 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 import dvmsr_arch  # noqa: E402,F401  (first: it fits basicsr to this torchvision and registers the networks)
 from basicsr.metrics import calculate_psnr, calculate_ssim  # noqa: E402
+from dvmsr_arch.checks import apply_tf32  # noqa: E402
 from dvmsr_arch.ops import low_memory_inference  # noqa: E402
 from dvmsr_arch.utils import imageio, tiling  # noqa: E402
 from dvmsr_arch.utils.graphs import CudaGraphInference  # noqa: E402
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         # PyTorch by itself allows TF32 for convolutions only; DVMSR's projections are matmuls, and
         # with them in true fp32 a forward at 339x510 takes 10.0 instead of 6.0 ms on an H100.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.fp32
+        apply_tf32({'tf32': not args.fp32})
         if args.half and device.type != 'cuda':
             raise ValueError('--half needs a CUDA device')
         if args.cuda_graph and device.type != 'cuda':

@@ -39,3 +39,14 @@ def weights_dir(shared_dir) -> Path:
     if not (path / 'dvmsr_ntire2024_official.pth').is_file():
         pytest.skip(f'released weights not found in {path} (set --shared-dir or DVMSR_SHARED)')
     return path
+
+
+@pytest.fixture
+def torch_tf32_defaults():
+    """PyTorch's own TF32 switches (convolutions on, matmuls off) for the test, then whatever they were."""
+    import torch
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32, cudnn.allow_tf32 = False, True
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = saved

@@ -197,15 +197,9 @@ def test_tf32_that_is_not_a_boolean(tmp_path, monkeypatch, data, experiment, val
 
 
 @pytest.mark.parametrize('value', [True, False, None])
-def test_tf32_sets_both_switches_or_leaves_them(value):
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32, cudnn.allow_tf32 = False, True  # PyTorch's defaults
-    try:
-        checks.apply_tf32({} if value is None else {'tf32': value})
-        switches = matmul.allow_tf32, cudnn.allow_tf32
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
+def test_tf32_sets_both_switches_or_leaves_them(value, torch_tf32_defaults):
+    checks.apply_tf32({} if value is None else {'tf32': value})
+    switches = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     assert switches == ((False, True) if value is None else (value, value))
 
 

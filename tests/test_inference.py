@@ -113,19 +113,13 @@ def test_empty_folder_and_bad_arguments_are_one_line_errors(tiny_model, tmp_path
 
 
 @pytest.mark.parametrize('fp32', [False, True])
-def test_tf32_by_default_and_true_fp32_on_request(tiny_model, tmp_path, fp32):
+def test_tf32_by_default_and_true_fp32_on_request(tiny_model, tmp_path, fp32, torch_tf32_defaults):
     _, options, checkpoint = tiny_model
     image = tmp_path / 'in.png'
     cv2.imwrite(str(image), (np.random.default_rng(0).random((10, 12, 3)) * 255).astype(np.uint8))
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32, cudnn.allow_tf32 = False, True  # PyTorch's defaults
-    try:
-        code = inference_cli().main(['-i', str(image), '-o', str(tmp_path / 'out'), '--opt', str(options),
-                                     '--model-path', str(checkpoint), '--device', 'cpu'] + ['--fp32'] * fp32)
-        switches = matmul.allow_tf32, cudnn.allow_tf32
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
+    code = inference_cli().main(['-i', str(image), '-o', str(tmp_path / 'out'), '--opt', str(options),
+                                 '--model-path', str(checkpoint), '--device', 'cpu'] + ['--fp32'] * fp32)
+    switches = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     assert code == 0 and (tmp_path / 'out' / 'in_x4.png').is_file()
     assert switches == (not fp32, not fp32)
 
