@@ -398,52 +398,56 @@ def option_file_networks():
             if opt.get(key, {}).get('type') == 'DVMSR':
                 spec = {k: v for k, v in opt[key].items() if k != 'type'}
                 seen.setdefault(json.dumps(spec, sort_keys=True), f'{path.relative_to(REPO / "options")}:{key}')
-    return [pytest.param(json.loads(spec), id=name, marks=UNEXPLAINED_ON_GPU.get(name, ()))
-            for spec, name in seen.items()]
+    return [pytest.param(json.loads(spec), id=name) for spec, name in seen.items()]
 
 
-# Seen on one H100 and not understood yet; kept visible instead of loosening the tolerance.
-UNEXPLAINED_ON_GPU = {
-    'train/ablation/vimm_1111.yml:network_g': pytest.mark.xfail(strict=False, reason=(
-        "layers.2's x_proj.weight gradient was 1.5e-2 (max-rel) from the torch backend's on an H100, every "
-        'other network within 1e-3; on the CPU the interpreted kernels (8x12, and batch 2 of 12x16) and the '
-        'torch backend in fp32 (at this size) are within 5e-6 of float64')),
-}
+def without_kinks(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with its LeakyReLUs made the identity. A pre-activation within rounding of zero can fall
+    on the other side of the kink in fp32 than in float64, and its gradient element then differs by
+    99%: on an H100 one such element of ``vimm_1111``'s upsampler put the torch backend's fp32 x_proj
+    gradients 1.5e-2 from float64, while the Triton path's were 1.3e-6."""
+    for module in net.modules():
+        if isinstance(module, torch.nn.LeakyReLU):
+            module.negative_slope = 1.0
+    return net
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason='needs a CUDA GPU')
 @pytest.mark.parametrize('spec', option_file_networks())
 def test_every_option_file_network_runs_the_triton_path_on_gpu(spec):
     """Inference (default, low-memory, fp16 autocast) and a training step's gradients of each network
-    the option files train, distil from or test, against the torch backend, in true fp32. The
-    192-channel teacher's inference, which every distillation step and validation run, once asked
-    more shared memory of the fused LayerNorm + in_proj kernel than a GPU has."""
+    the option files train, distil from or test, against the ``ref`` backend in float64, the Triton
+    path in true fp32. The 192-channel teacher's inference, which every distillation step and
+    validation run, once asked more shared memory of the fused LayerNorm + in_proj kernel than a GPU
+    has. The loss is MSE rather than L1, whose kink at each target pixel would be a second place
+    where rounding can flip a gradient element (see ``without_kinks``)."""
     from dvmsr_arch.archs.dvmsr_arch import DVMSR
     from dvmsr_arch.ops import low_memory_inference
     torch.manual_seed(0)
-    fast = DVMSR(**dict(spec, scan_backend='triton', drop_path_rate=0.0)).cuda()
-    plain = DVMSR(**dict(spec, scan_backend='torch', drop_path_rate=0.0)).cuda()
-    plain.load_state_dict(fast.state_dict())
-    x = torch.rand(2, 3, 24, 40, device='cuda')
-    target = torch.rand(2, 3, 24 * spec['upscale'], 40 * spec['upscale'], device='cuda')
+    fast = without_kinks(DVMSR(**dict(spec, scan_backend='triton', drop_path_rate=0.0)).cuda())
+    reference = without_kinks(DVMSR(**dict(spec, scan_backend='ref', drop_path_rate=0.0)).cuda().double())
+    reference.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 3, 24, 40, device='cuda', dtype=torch.float64)
+    target = torch.rand(2, 3, 24 * spec['upscale'], 40 * spec['upscale'], device='cuda', dtype=torch.float64)
     switches = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():
-            ref = plain.eval()(x)
-            out = fast.eval()(x)
+            ref = reference.eval()(x)
+            out = fast.eval()(x.float())
             with low_memory_inference():
-                low_memory = fast(x)
+                low_memory = fast(x.float())
             with torch.autocast('cuda', dtype=torch.float16):
-                half = fast(x)
-        for net in (fast.train(), plain.train()):
-            torch.nn.functional.l1_loss(net(x), target).backward()
+                half = fast(x.float())
+        torch.nn.functional.mse_loss(fast.train()(x.float()), target.float()).backward()
+        torch.nn.functional.mse_loss(reference.train()(x), target).backward()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = switches
     assert max_rel(out, ref) < 1e-4 and max_rel(low_memory, ref) < 1e-4
     assert max_rel(half.float(), ref) < 5e-3
-    worst = max((max_rel(p.grad, q.grad), name) for (name, p), q in zip(fast.named_parameters(), plain.parameters()))
-    assert worst[0] < 1e-3, worst
+    worst = max((max_rel(p.grad, q.grad), name)
+                for (name, p), q in zip(fast.named_parameters(), reference.parameters()))
+    assert worst[0] < 1e-4, worst
 
 
 if __name__ == '__main__':
