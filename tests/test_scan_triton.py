@@ -24,7 +24,8 @@ TOL = 2e-5  # fp32 kernels against float64: max |diff| / max |ref|
 
 
 sys.path.insert(0, str(REPO / 'scripts'))
-from benchmark import poisoned_empty  # noqa: E402  (the NaN poisoning of the GPU checks, here under the interpreter)
+# The NaN poisoning of the GPU checks, here under the interpreter; the GPU tests' precision switches.
+from benchmark import poisoned_empty, precision  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The subprocess side
@@ -429,20 +430,17 @@ def test_every_option_file_network_runs_the_triton_path_on_gpu(spec):
     reference.load_state_dict(fast.state_dict())
     x = torch.rand(2, 3, 24, 40, device='cuda', dtype=torch.float64)
     target = torch.rand(2, 3, 24 * spec['upscale'], 40 * spec['upscale'], device='cuda', dtype=torch.float64)
-    switches = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    x32 = x.float()
+    with precision('fp32', x.device):
         with torch.no_grad():
             ref = reference.eval()(x)
-            out = fast.eval()(x.float())
+            out = fast.eval()(x32)
             with low_memory_inference():
-                low_memory = fast(x.float())
+                low_memory = fast(x32)
             with torch.autocast('cuda', dtype=torch.float16):
-                half = fast(x.float())
-        torch.nn.functional.mse_loss(fast.train()(x.float()), target.float()).backward()
+                half = fast(x32)
+        torch.nn.functional.mse_loss(fast.train()(x32), target.float()).backward()
         torch.nn.functional.mse_loss(reference.train()(x), target).backward()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = switches
     assert max_rel(out, ref) < 1e-4 and max_rel(low_memory, ref) < 1e-4
     assert max_rel(half.float(), ref) < 5e-3
     worst = max((max_rel(p.grad, q.grad), name)
