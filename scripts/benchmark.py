@@ -695,7 +695,7 @@ def run_train(args, device: torch.device) -> Dict[str, object]:
     if half is not None:
         # The same gradients under the step's autocast: how far half-precision activations move them.
         fast.zero_grad(set_to_none=True)
-        with precision('tf32', device):
+        with precision(_tf32_switches(args.precision), device):
             with torch.autocast(device.type, dtype=half):
                 loss = F.l1_loss(fast(lr), target)
             loss.backward()
