@@ -262,7 +262,15 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
         states = torch.empty(batch, plan.n_tiles, inner, state, **f32)
     carry_in = any_t
     if plan.n_chunks > 1:
-        decay, end_state, carry_in = torch.empty(3, batch, plan.n_chunks, inner, state, **f32).unbind(0)
+        # The carry entering chunk c+1 goes over chunk c's end state, which the carry kernel has just
+        # read, by a program that reads and writes only its own states: one buffer less. The extra
+        # slot in front takes the zeros entering chunk 0; for batch b > 0 that slot is batch b-1's
+        # last end state, which no carry depends on.
+        chunk_states = inner * state
+        decay = torch.empty(batch, plan.n_chunks, inner, state, **f32)
+        handed = torch.empty(batch * plan.n_chunks * chunk_states + chunk_states, **f32)
+        end_state = handed[chunk_states:].view(batch, plan.n_chunks, inner, state)
+        carry_in = handed[:-chunk_states].view(batch, plan.n_chunks, inner, state)
         launch(plan.summary, plan.grid, u, delta, w, bias, A, B, decay, end_state, length, inner, state, plan.n_chunks,
                plan.tiles, *strides, **plan.summary_options)
         launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
