@@ -176,7 +176,9 @@ def model_case():
     from dvmsr_arch.ops import resolve_backend, scan_triton
     result = {'auto_on_cpu': resolve_backend('auto', 'cpu'),
               'triton_unavailable_reason': scan_triton.why_unavailable(torch.device('cpu'))}
-    kw = dict(upscale=2, embed_dim=6, depths=(1,), d_state=4, expand=2, drop_path_rate=0.0, dt_init='mamba')
+    # Two ViMMs in the RSSB: inference frees the second one's input (see ``release_storage``). E = 18
+    # leaves room for x_proj's rows in in_proj's x half under fp16 autocast too (16 columns there).
+    kw = dict(upscale=2, embed_dim=6, depths=(2,), d_state=4, expand=3, drop_path_rate=0.0, dt_init='mamba')
     reference = DVMSR(**kw, scan_backend='ref').double()
     fused = DVMSR(**kw, scan_backend='triton')
     fused.load_state_dict(reference.state_dict())
@@ -211,6 +213,33 @@ def model_case():
     # fp16 autocast inference: the fused kernels with fp16 activations, x_proj's rows padded.
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16), poisoned_empty():
         result['fp16_autocast_forward'] = max_rel(fused(x), ref.detach())
+    result.update(released_input_case(fused, reference))
+    return result
+
+
+def released_input_case(fused, reference):
+    """Inference frees the first ViMM's output once the second ViMM's in_proj has read it, but
+    leaves the group's input (the RSSB's skip) alone, and a tensor a hook holds."""
+    group, ref_group = fused.layers[0].residual_group, reference.layers[0].residual_group
+    first = group.blocks[0]
+    tokens = torch.randn(2, 12, 6)
+    with torch.no_grad():
+        ref_first = ref_group.blocks[0](tokens.double())
+        ref_out = ref_group(tokens.double())
+    outputs = []
+    first.forward = lambda *args, **kwargs: outputs.append(type(first).forward(first, *args, **kwargs)) or outputs[-1]
+    with torch.no_grad():
+        out = group(tokens)
+    del first.forward
+    result = {'released_output': max_rel(out, ref_out),
+              'released_bytes': outputs[0].untyped_storage().nbytes(),
+              'group_input_intact': max_rel(tokens, tokens.clone()) == 0.0 and tokens.untyped_storage().nbytes() > 0}
+    handle = first.register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        out = group(tokens)
+    handle.remove()
+    result['hooked_output'] = max_rel(out, ref_out)
+    result['hook_kept_output'] = max_rel(outputs[1], ref_first)
     return result
 
 
@@ -329,6 +358,15 @@ def test_network_on_triton_path_matches_ref_network(interpreted):
     # The RSSB's convolution, conv_after_body and the upsampler's, all from 6 channels padded to 8.
     assert result['no_grad_conv_input_channels'] == [8, 8, 8]
     assert max(result['grads'].values()) < 1e-4, result['grads']
+
+
+@needs_triton
+def test_inference_frees_the_second_vimms_input(interpreted):
+    result = interpreted['model']
+    assert result['released_output'] < TOL and result['hooked_output'] < TOL
+    assert result['released_bytes'] == 0  # the first ViMM's output, once read
+    assert result['group_input_intact']
+    assert result['hook_kept_output'] < TOL  # a forward hook kept it: left alone
 
 
 def test_triton_backend_is_cuda_only_without_interpreter(monkeypatch):

@@ -117,6 +117,26 @@ def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip:
     return y
 
 
+def release_storage(tensor: Tensor) -> None:
+    """Free the memory of ``tensor``, a dead activation that callers up the stack still reference
+    (Python keeps a call's arguments alive until it returns), when it owns all of it. The tensor is
+    then empty: reading it raises. Inference peaks inside the second ViMM of an RSSB, while the
+    first ViMM's output, already read by in_proj, would still take 60 values per token."""
+    storage = tensor.untyped_storage()
+    if tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size():
+        storage.resize_(0)
+
+
+def _may_be_kept(producer: nn.Module, consumer: nn.Module) -> bool:
+    """Whether a hook may hold on to a tensor that ``producer`` hands ``consumer``: a forward hook
+    of ``producer`` or its children, a forward pre-hook of ``consumer`` or its children, or a global
+    one."""
+    module = nn.modules.module
+    return (bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+            or any(m._forward_hooks for m in producer.modules())
+            or any(m._forward_pre_hooks for m in consumer.modules()))
+
+
 def layer_norm(norm: nn.LayerNorm, tokens: Tensor, fused: bool, width: Optional[int] = None) -> Tensor:
     """``norm(tokens)``; ``fused`` runs it as a Triton kernel (PyTorch's is slow on 60-wide rows),
     whose output rows ``width`` pads with zero columns."""
@@ -189,7 +209,8 @@ class MambaMixer(nn.Module):
     def uses_triton(self, device: torch.device) -> bool:
         return resolve_backend(self.scan_backend, device) == 'triton'
 
-    def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], out_width: Optional[int]) -> Tensor:
+    def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], out_width: Optional[int],
+                        release_input: bool) -> Tensor:
         """The same computation, token-major throughout: no transposes, no delta tensor.
 
         Triton kernels for LayerNorm (inside in_proj's kernel for inference), conv1d + SiLU and the
@@ -197,6 +218,7 @@ class MambaMixer(nn.Module):
         """
         no_grad = not torch.is_grad_enabled()
         inner = self.in_proj.out_features // 2
+        rows_into = None
         if no_grad:
             # Under autocast, inference keeps the fused kernels and stores their activations in the
             # autocast dtype (the scan state stays fp32).
@@ -212,7 +234,12 @@ class MambaMixer(nn.Module):
                 xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
                 x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
                 z = xz[..., inner:]
-                del xz  # z's view keeps it until the scan is done
+                # conv1d has read in_proj's x half, which z's view keeps allocated until the scan
+                # is done: x_proj's rows go there instead of into a buffer of their own.
+                rows_into = xz[..., :inner]
+                del xz
+            if release_input:
+                release_storage(tokens)
         else:
             # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
             # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
@@ -222,7 +249,8 @@ class MambaMixer(nn.Module):
             x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
             del x_raw
         u = x.transpose(1, 2)
-        dt, B, C = self._x_proj_rows(x)
+        dt, B, C = self._x_proj_rows(x, rows_into)
+        del rows_into
         dt_weight, A = self._scan_weights(no_grad)
         # Without autograd the scan writes y over u (each lane reads u_t before it stores y_t): no
         # (B, L, E) buffer more.
@@ -248,19 +276,31 @@ class MambaMixer(nn.Module):
             return self.out_proj(y)
         return F.linear(y, zero_padded(weight, (out_width, weight.shape[1])))
 
-    def _x_proj_rows(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _x_proj_rows(self, x: Tensor, into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """x_proj(x) split into (dt, B, C) as the scan takes them: (B, R, L) and (B, N, L) views of
         token-major rows.
 
         fp32 rows [dt, B, C] start B and C on 16 bytes when R and N are multiples of 4, so the scan
         reads them with vector loads. For 2-byte activations in inference (autocast) dt is padded
-        with zero columns to a multiple of 8, which keeps that alignment.
+        with zero columns to a multiple of 8, which keeps that alignment. ``into`` (inference only):
+        (B, L, W) rows of x's dtype whose first columns take the rows, in place of a new buffer, if
+        W is wide enough; their row stride keeps the alignment when it is a multiple of 8 elements.
         """
         rank, state = self.dt_rank, self.d_state
         pad = -rank % 8 if x.element_size() == 2 and not torch.is_grad_enabled() else 0
-        if not pad:
+        if into is not None and into.shape[-1] < rank + pad + 2 * state:
+            into = None
+        if into is None and not pad:
             return self.x_proj(x).transpose(1, 2).split([rank, state, state], dim=1)
-        rows = F.linear(x, self._padded_x_proj_weight(pad, x.dtype)).transpose(1, 2)
+        weight = self._padded_x_proj_weight(pad, x.dtype) if pad else self.x_proj.weight
+        if into is None:
+            rows = F.linear(x, weight)
+        else:
+            rows = into[..., :weight.shape[0]]
+            # mm writes a row-strided output in place (cuBLAS's ldc); autocast passes out= calls
+            # through, and x and the weight already share the activations' dtype.
+            torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=rows.view(-1, weight.shape[0]))
+        rows = rows.transpose(1, 2)
         return rows[:, :rank], rows[:, rank + pad:rank + pad + state], rows[:, rank + pad + state:]
 
     def _padded_x_proj_weight(self, pad: int, dtype: torch.dtype) -> Tensor:
@@ -281,14 +321,17 @@ class MambaMixer(nn.Module):
             return F.linear(tokens, weight)
         return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, weight, out_dtype=out_dtype)
 
-    def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None) -> Tensor:
+    def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None,
+                release_input: bool = False) -> Tensor:
         """Mix ``tokens`` (B, L, C), normalised by ``norm`` first if given (so that the Triton path
         can fuse the normalisation into in_proj). ``out_width``: the Triton path returns rows of that
         many columns, zero after the C (a convolution reads them, see ``CONV_CHANNEL_MULTIPLE``);
-        other paths ignore it."""
+        other paths ignore it. ``release_input``: the caller's word that nothing reads ``tokens``
+        after this call; Triton inference then frees their memory once in_proj has read them (see
+        ``release_storage``)."""
         backend = resolve_backend(self.scan_backend, tokens.device)
         if backend == 'triton' and not self.bidirectional:
-            return self._forward_triton(tokens, norm, out_width)
+            return self._forward_triton(tokens, norm, out_width, release_input)
         if norm is not None:
             tokens = norm(tokens)
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
@@ -310,12 +353,13 @@ class ViMM(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.residual = residual
 
-    def forward(self, x: Tensor, out_width: Optional[int] = None) -> Tensor:
-        """``out_width``: see ``MambaMixer.forward``; with the skip of Eq. 4 the rows stay C wide."""
+    def forward(self, x: Tensor, out_width: Optional[int] = None, release_input: bool = False) -> Tensor:
+        """``out_width``, ``release_input``: see ``MambaMixer.forward``; with the skip of Eq. 4 the
+        rows stay C wide and the input is kept for the skip."""
         if self.residual:  # paper Eq. 4
             return x + self.drop_path(self.mixer(x, norm=self.norm))
         # The released model: no skip, stochastic depth on the block input.
-        return self.mixer(self.drop_path(x), norm=self.norm, out_width=out_width)
+        return self.mixer(self.drop_path(x), norm=self.norm, out_width=out_width, release_input=release_input)
 
 
 class ViMMGroup(nn.Module):
@@ -326,9 +370,12 @@ class ViMMGroup(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor, out_width: Optional[int] = None) -> Tensor:
-        """``out_width`` applies to the last block's output (see ``ViMM.forward``)."""
+        """``out_width`` applies to the last block's output (see ``ViMM.forward``). Each block after
+        the first may free its input, the previous block's output, which only this loop holds (the
+        first block's input is the RSSB's skip), unless a forward hook may have kept it."""
         for index, block in enumerate(self.blocks):
-            x = block(x, out_width if index == len(self.blocks) - 1 else None)
+            release = index > 0 and not _may_be_kept(self.blocks[index - 1], block)
+            x = block(x, out_width if index == len(self.blocks) - 1 else None, release_input=release)
         return x
 
 
