@@ -230,16 +230,18 @@ class MambaMixer(nn.Module):
                 x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
                 del x_raw
                 z = self._in_proj_inference(tokens, norm, 1, out_dtype=half_dtype)
+                if release_input:
+                    release_storage(tokens)
             else:
                 xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
+                if release_input:  # before conv1d allocates its output
+                    release_storage(tokens)
                 x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
                 z = xz[..., inner:]
                 # conv1d has read in_proj's x half, which z's view keeps allocated until the scan
                 # is done: x_proj's rows go there instead of into a buffer of their own.
                 rows_into = xz[..., :inner]
                 del xz
-            if release_input:
-                release_storage(tokens)
         else:
             # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
             # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
@@ -285,14 +287,18 @@ class MambaMixer(nn.Module):
         with zero columns to a multiple of 8, which keeps that alignment. ``into`` (inference only):
         (B, L, W) rows of x's dtype whose first columns take the rows, in place of a new buffer, if
         W is wide enough; their row stride keeps the alignment when it is a multiple of 8 elements.
+        There each row is padded with zero columns to whole 32-byte sectors, so that the GPU writes
+        whole sectors instead of reading back the partly written last one.
         """
         rank, state = self.dt_rank, self.d_state
         pad = -rank % 8 if x.element_size() == 2 and not torch.is_grad_enabled() else 0
-        if into is not None and into.shape[-1] < rank + pad + 2 * state:
-            into = None
+        width = rank + pad + 2 * state
+        tail = -width % (32 // x.element_size()) if into is not None else 0
+        if into is not None and into.shape[-1] < width + tail:
+            into, tail = None, 0
         if into is None and not pad:
             return self.x_proj(x).transpose(1, 2).split([rank, state, state], dim=1)
-        weight = self._padded_x_proj_weight(pad, x.dtype) if pad else self.x_proj.weight
+        weight = self._padded_x_proj_weight(pad, tail, x.dtype) if pad or tail else self.x_proj.weight
         if into is None:
             rows = F.linear(x, weight)
         else:
@@ -301,14 +307,17 @@ class MambaMixer(nn.Module):
             # through, and x and the weight already share the activations' dtype.
             torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=rows.view(-1, weight.shape[0]))
         rows = rows.transpose(1, 2)
-        return rows[:, :rank], rows[:, rank + pad:rank + pad + state], rows[:, rank + pad + state:]
+        return rows[:, :rank], rows[:, rank + pad:rank + pad + state], rows[:, rank + pad + state:width]
 
-    def _padded_x_proj_weight(self, pad: int, dtype: torch.dtype) -> Tensor:
-        """x_proj's weight with ``pad`` zero rows after dt's, in ``dtype``, kept as a ``derived_tensor``
-        so that inference does not pay a concatenation and a cast in every ViMM call."""
+    def _padded_x_proj_weight(self, pad: int, tail: int, dtype: torch.dtype) -> Tensor:
+        """x_proj's weight with ``pad`` zero rows after dt's and ``tail`` after C's, in ``dtype``, kept
+        as a ``derived_tensor`` so that inference does not pay a concatenation and a cast in every
+        ViMM call."""
         weight = self.x_proj.weight
-        return derived_tensor(weight, ('x_proj_padded', pad, dtype), lambda: torch.cat(
-            [weight[:self.dt_rank], weight.new_zeros(pad, weight.shape[1]), weight[self.dt_rank:]]).to(dtype))
+        zeros = weight.new_zeros
+        return derived_tensor(weight, ('x_proj_padded', pad, tail, dtype), lambda: torch.cat(
+            [weight[:self.dt_rank], zeros(pad, weight.shape[1]), weight[self.dt_rank:], zeros(tail, weight.shape[1])]
+        ).to(dtype))
 
     def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm], half: Optional[int] = None,
                            out_dtype: Optional[torch.dtype] = None) -> Tensor:
