@@ -16,7 +16,8 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
 ``train``     one training step (batch 64, LR 64x64, fwd + bwd + Adam; under fp16/bf16 autocast around
               the forward), the CPU time to issue it, and gradients against float64 (true fp32, and
               under the autocast of --precision); ``--cuda-graph`` times replays of the whole step.
-``profile``   PyTorch profiler, GPU kernel time per forward, per kernel.
+``profile``   PyTorch profiler, GPU kernel time per forward, per kernel; ``--memory-at-peak`` also lists
+              the buffers live at the peak of one forward.
 ``floor``     bytes and exp2 the released student must move and compute per size, and the times
               they take at given ceilings (no device needed).
 ``all``       report, scan, fidelity, train and profile in one process.
@@ -760,8 +761,62 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                         if e.device_type == DeviceType.CUDA) / args.profile_runs / 1e3
             results.setdefault('gpu_ms_per_train_step' if args.profile_train else 'gpu_ms_per_forward', {})[key] = total
             print(f'profile {key}: GPU kernel time {total:.3f} ms per {what}', flush=True)
+            if args.memory_at_peak and device.type == 'cuda':
+                with mode, precision(switches, device):
+                    peak, held, rows = live_at_peak(work, device)
+                results.setdefault('memory_at_peak', {})[key] = {'peak_mib': peak, 'held_before_mib': held,
+                                                                 'live': rows}
+                print(f'profile {key}: {peak:.1f} MiB at the peak of one {what}, {held:.1f} MiB of it held '
+                      'before the call (weights, input, cuBLAS workspace); live then:', flush=True)
+                for mib, where in rows:
+                    print(f'  {mib:8.2f} MiB  {where}', flush=True)
             del work
     return results
+
+
+def live_at_peak(work: Callable[[], object], device: torch.device) -> Tuple[float, float, List[Tuple[float, str]]]:
+    """The CUDA allocations live at the peak of one ``work()`` call: the peak and what was allocated
+    before the call (MiB), and each buffer of 1 MiB or more allocated in the call and live at the
+    peak, with the code that allocated it. From the caching allocator's own record of the call."""
+    synchronize(device)
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks='python')
+    try:
+        work()
+        synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    peak, at_peak = peak_of_trace(snapshot['device_traces'][index], held)
+    rows = [(event['size'] / 2**20, _allocated_by(event)) for event in at_peak if event['size'] >= 2**20]
+    return peak / 2**20, held / 2**20, rows
+
+
+def peak_of_trace(events: Sequence[dict], held: int) -> Tuple[int, List[dict]]:
+    """Walk the caching allocator's trace of a call (``alloc`` and ``free_requested`` events, with
+    ``held`` bytes allocated before it): the peak in bytes and the allocations live there, largest
+    first."""
+    live: Dict[int, dict] = {}
+    current = peak = held
+    at_peak: List[dict] = []
+    for event in events:
+        if event['action'] == 'alloc':
+            live[event['addr']] = event
+            current += event['size']
+            if current > peak:
+                peak, at_peak = current, list(live.values())
+        elif event['action'] == 'free_requested':  # a buffer of the call's, or one held before it
+            live.pop(event['addr'], None)
+            current -= event['size']
+    return peak, sorted(at_peak, key=lambda e: -e['size'])
+
+
+def _allocated_by(event: dict) -> str:
+    """The innermost two frames of this package that made an allocation (else the innermost one)."""
+    frames = event.get('frames', [])
+    ours = [f for f in frames if f'{os.sep}dvmsr_arch{os.sep}' in f['filename']] or frames[:1]
+    return ' < '.join(f"{osp.basename(f['filename'])}:{f['line']} {f['name']}" for f in ours[:2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -894,6 +949,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])
     parser.add_argument('--profile-train', action='store_true',
                         help='profile: training steps (--train-batch, --train-size) instead of forwards')
+    parser.add_argument('--memory-at-peak', action='store_true',
+                        help='profile (CUDA): also list the buffers live at the peak of one more forward or step')
     parser.add_argument('--bandwidth-gbps', type=float, default=3890.0,
                         help='floor: memory bandwidth (default: a device-to-device copy measured on an H200)')
     parser.add_argument('--exp2-rate', type=float, default=16 * 132 * 1.98e9,

@@ -91,6 +91,26 @@ def test_benchmark_cudnn_flag_sets_and_clears_torch_setting(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
 
 
+def test_benchmark_peak_of_allocator_trace():
+    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    def event(action, addr, size):
+        return {'action': action, 'addr': addr, 'size': size}
+    # 100 bytes held before the call. a (30) and b (50) live together: 180. b is freed (a free
+    # counts when requested, not when the allocator completes it) before c (40) comes: 170. a's
+    # address is freed and reused by d (20): 160. A buffer held before the call (10) is freed,
+    # then e (25) comes: 175.
+    trace = [event('alloc', 1, 30), event('alloc', 2, 50), event('free_requested', 2, 50),
+             event('free_completed', 2, 50), event('alloc', 3, 40), event('free_requested', 1, 30),
+             event('alloc', 1, 20), event('free_requested', 9, 10), event('alloc', 4, 25)]
+    peak, live = benchmark.peak_of_trace(trace, held=100)
+    assert peak == 180
+    assert [(e['addr'], e['size']) for e in live] == [(2, 50), (1, 30)]
+    assert benchmark.peak_of_trace([], held=7) == (7, [])
+
+
 def test_benchmark_rejects_bad_sizes():
     proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'report', '--device', 'cpu',
                            '--sizes', '16by16'], capture_output=True, text=True, timeout=120)
