@@ -143,8 +143,10 @@ class _FusedMixerKernel(torch.autograd.Function):
 
 def _fused_mixer_forward(mixer: MambaMixer):
 
-    def forward(tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None) -> Tensor:
-        # out_width (padded rows for a convolution on the Triton path) does not change a count.
+    def forward(tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None,
+                release_input: bool = False) -> Tensor:
+        # out_width (padded rows for a convolution on the Triton path) and release_input (the
+        # Triton path freeing a spent input) do not change a count.
         xz = mixer.in_proj(norm(tokens) if norm is not None else tokens)
         if mixer.bidirectional:  # Vision Mamba: two fused scans, then out_proj in plain PyTorch
             return mixer.out_proj(_FusedMixerKernel.apply(xz, mixer.out_proj.in_features))
