@@ -767,7 +767,8 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                 results.setdefault('memory_at_peak', {})[key] = {'peak_mib': peak, 'held_before_mib': held,
                                                                  'live': rows}
                 print(f'profile {key}: {peak:.1f} MiB at the peak of one {what}, {held:.1f} MiB of it held '
-                      'before the call (weights, input, cuBLAS workspace); live then:', flush=True)
+                      "before the call (weights, input, and what else the process holds, such as cuBLAS's "
+                      'workspace); live then:', flush=True)
                 for mib, where in rows:
                     print(f'  {mib:8.2f} MiB  {where}', flush=True)
             del work
