@@ -288,8 +288,8 @@ class MambaMixer(nn.Module):
         with zero columns to a multiple of 8, which keeps that alignment. ``into`` (inference only):
         (B, L, W) rows of x's dtype whose first columns take the rows, in place of a new buffer, if
         W is wide enough; their row stride keeps the alignment when it is a multiple of 8 elements.
-        There each row is padded with zero columns to whole 32-byte sectors, so that the GPU writes
-        whole sectors instead of reading back the partly written last one.
+        There each row is padded with zero columns to whole 32-byte sectors, which cuBLAS writes
+        faster (docs/performance.md, version 15).
         """
         rank, state = self.dt_rank, self.d_state
         pad = -rank % 8 if x.element_size() == 2 and not torch.is_grad_enabled() else 0
