@@ -43,10 +43,11 @@ def weights_dir(shared_dir) -> Path:
 
 @pytest.fixture
 def torch_tf32_defaults():
-    """PyTorch's own TF32 switches (convolutions on, matmuls off) for the test, then whatever they were."""
+    """PyTorch's own TF32 switches (convolutions on, matmuls off) for the test, then whatever they were:
+    the benchmark's ``tf32-conv`` precision mode, which sets and restores them."""
     import torch
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32, cudnn.allow_tf32 = False, True
-    yield
-    matmul.allow_tf32, cudnn.allow_tf32 = saved
+    if str(REPO / 'scripts') not in sys.path:
+        sys.path.insert(0, str(REPO / 'scripts'))
+    from benchmark import precision
+    with precision('tf32-conv', torch.device('cpu')):
+        yield
