@@ -384,7 +384,8 @@ class ViMMGroup(nn.Module):
         the first may free its input, the previous block's output, which only this loop holds (the
         first block's input is the RSSB's skip), unless a forward hook may have kept it."""
         for index, block in enumerate(self.blocks):
-            release = index > 0 and not _may_be_kept(self.blocks[index - 1], block)
+            # Under autograd nothing is freed: the hook walk is skipped on the training path.
+            release = index > 0 and not torch.is_grad_enabled() and not _may_be_kept(self.blocks[index - 1], block)
             x = block(x, out_width if index == len(self.blocks) - 1 else None, release_input=release)
         return x
 

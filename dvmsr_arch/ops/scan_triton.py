@@ -273,8 +273,8 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
         carry_in = handed[:-chunk_states].view(batch, plan.n_chunks, inner, state)
         launch(plan.summary, plan.grid, u, delta, w, bias, A, B, decay, end_state, length, inner, state, plan.n_chunks,
                plan.tiles, *strides, **plan.summary_options)
-        launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
-               decay, end_state, carry_in, plan.n_chunks, inner * state, REVERSE=False,
+        launch(k._chunk_carry, (_cdiv(chunk_states, CARRY_BLOCK_STATES), batch),
+               decay, end_state, carry_in, plan.n_chunks, chunk_states, REVERSE=False,
                BLOCK_C=_carry_block(plan.n_chunks), BLOCK_S=CARRY_BLOCK_STATES)
     launch(plan.output, plan.grid, *output_args(plan.n_chunks, plan.n_tiles, plan.tiles, carry_in),
            **plan.output_options)
