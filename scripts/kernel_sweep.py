@@ -7,7 +7,7 @@ rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block s
 teacher's 192 channels, batch 64 of 64x64, which ``--wide-only`` runs alone), conv1d +
 SiLU (over its block shapes) and x_proj after it, conv1d's backward at the training step's size
 (over its block shapes), a convolution's bias and skip added in one pass,
-the scan with u contiguous or read from in_proj's output, and cuDNN's 3x3 convolution from token
+the scan with u contiguous or read from in_proj's x plane, and cuDNN's 3x3 convolution from token
 rows of 60 or 64 channels (the fused path pads), alone and, at the training step's size (batch 64,
 64x64), with its backward. Each number is the median of 20 calls between two CUDA events after 5
 warm-up calls, so it includes the launch: compare the numbers with each other, and use
@@ -97,18 +97,19 @@ def main() -> int:
     results['layer_norm_linear'] = sweep(
         {'LN_LINEAR_BLOCK_ROWS': 'rows ', 'LN_LINEAR_BLOCK_OUT': 'out ', 'LN_LINEAR_WARPS': 'warps '},
         itertools.product((32, 64, 128), (64, 128, 256), (4, 8)),
-        lambda: fused_triton.layer_norm_linear_tokens(tokens, norm_w, norm_b, 1e-5, w_in))
+        lambda: fused_triton.layer_norm_linear_tokens(tokens, norm_w, norm_b, 1e-5, w_in, planes=2))
 
-    xz = torch.randn(1, LENGTH, 2 * E, device=dev)
+    # in_proj's output as inference lays it out: the x plane, then the z plane.
+    x_plane, z_plane = torch.randn(2, 1, LENGTH, E, device=dev)
     conv_w, conv_b = torch.randn(E, 1, 4, device=dev) * 0.3, torch.randn(E, device=dev)
     w_x = torch.randn(R + 2 * N, E, device=dev) * 0.1
     results['conv1d + x_proj, separate'] = median_us(
-        lambda: F.linear(fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b), w_x))
-    results['conv1d alone'] = median_us(lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
+        lambda: F.linear(fused_triton.causal_conv1d_silu_tokens(x_plane, conv_w, conv_b), w_x))
+    results['conv1d alone'] = median_us(lambda: fused_triton.causal_conv1d_silu_tokens(x_plane, conv_w, conv_b))
     results['conv1d'] = sweep(
         {'CONV_BLOCK_L': 'tokens ', 'CONV_BLOCK_E': 'channels '},
         itertools.product((16, 32, 64, 128, 256), (32, 64, 128)),
-        lambda: fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b))
+        lambda: fused_triton.causal_conv1d_silu_tokens(x_plane, conv_w, conv_b))
     # Its backward (both kernels, and the sums of dw's and db's partials) at the training step's
     # size: batch 64 of 64x64 tokens.
     x_train = torch.randn(64, 64 * 64, E, device=dev, requires_grad=True)
@@ -131,15 +132,15 @@ def main() -> int:
     w_dt = torch.randn(E, R, device=dev) * 0.5
     A = -torch.exp(torch.randn(E, N, device=dev) * 0.5 + 0.5)
     D, bias = torch.randn(E, device=dev), torch.randn(E, device=dev) * 0.5 - 1
-    x = fused_triton.causal_conv1d_silu_tokens(xz[..., :E], conv_w, conv_b)
-    z = xz[..., E:].transpose(1, 2)
+    x = fused_triton.causal_conv1d_silu_tokens(x_plane, conv_w, conv_b)
+    z = z_plane.transpose(1, 2)
     out = torch.empty(1, LENGTH, E, device=dev).transpose(1, 2)
     scan = scan_triton.selective_scan_lowrank_triton
     with torch.no_grad():
         results['scan, u contiguous'] = median_us(lambda: scan(x.transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias,
                                                                True, out=out))
-        results['scan, u read from in_proj output'] = median_us(
-            lambda: scan(xz[..., :E].transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias, True, out=out))
+        results['scan, u read from the x plane'] = median_us(
+            lambda: scan(x_plane.transpose(1, 2), dt, w_dt, A, B, C_rows, D, z, bias, True, out=out))
     # The image the network hands cuDNN: token rows seen as channels-last (B, C, H, W).
     for channels in (60, 64):
         image = torch.randn(1, LENGTH, channels, device=dev).transpose(1, 2).reshape(1, channels, 339, 510)

@@ -149,6 +149,21 @@ def fused_case():
         ref = F.linear(F.layer_norm(x.double(), (channels,), norm_w.double(), norm_b.double(), 1e-5), weight.double())
         with poisoned_empty():
             result[name] = max_rel(layer_norm_linear_tokens(x, norm_w, norm_b, 1e-5, weight), ref)
+    # The same as x and z planes, as inference runs it: 149 rows of 120 outputs leave the first plane
+    # short of a whole 128-byte block, so the second one starts after padding; past
+    # LN_LINEAR_MAX_CHANNELS, and without a LayerNorm (cuBLAS into each plane).
+    for name, channels, x, norm in (('ln_linear_60_planes', 60, torch.randn(1, 149, 60), True),
+                                    ('ln_linear_192_planes', 192, torch.randn(1, 70, 192), True),
+                                    ('linear_60_planes', 60, torch.randn(1, 149, 60), False)):
+        norm_w, norm_b = (torch.randn(channels), torch.randn(channels)) if norm else (None, None)
+        weight = torch.randn(4 * channels, channels) * channels**-0.5
+        x64 = F.layer_norm(x.double(), (channels,), norm_w.double(), norm_b.double(), 1e-5) if norm else x.double()
+        ref = F.linear(x64, weight.double()).unflatten(-1, (2, -1)).movedim(-2, 0)
+        with poisoned_empty():
+            planes = layer_norm_linear_tokens(x, norm_w, norm_b, 1e-5, weight, planes=2)
+        apart = planes[1].data_ptr() - planes[0].data_ptr()
+        laid_out = planes[0].is_contiguous() and planes[1].is_contiguous() and apart % 128 == 0
+        result[name] = max_rel(planes, ref) if laid_out else float('inf')
 
     # A convolution's output as tokens (channels-last, 70 pixels: a partial row block) += bias + a
     # skip of other strides, in place.
@@ -344,7 +359,8 @@ def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
 @needs_triton
 def test_layer_norm_and_causal_conv_kernels(interpreted):
     result = interpreted['fused']
-    assert ({'add_bias_skip', 'ln_linear_60_half', 'ln_linear_192', 'conv_grad_weight', 'conv_130_k3_grad_x'}
+    assert ({'add_bias_skip', 'ln_linear_60_half', 'ln_linear_192', 'ln_linear_60_planes', 'linear_60_planes',
+             'conv_grad_weight', 'conv_130_k3_grad_x'}
             | {f'pixel_shuffle_image_x{factor}' for factor in (2, 3, 4)} <= set(result))
     assert max(result.values()) < TOL, result
 

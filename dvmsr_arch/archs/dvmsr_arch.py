@@ -234,15 +234,15 @@ class MambaMixer(nn.Module):
                 if release_input:
                     release_storage(tokens)
             else:
-                xz = self._in_proj_inference(tokens, norm, out_dtype=half_dtype)
+                # x and z as two planes of one allocation (see ``_in_proj_inference``).
+                x_plane, z = self._in_proj_inference(tokens, norm, out_dtype=half_dtype, planes=2)
                 if release_input:  # before conv1d allocates its output
                     release_storage(tokens)
-                x = causal_conv1d_silu_tokens(xz[..., :inner], self.conv1d.weight, self.conv1d.bias)
-                z = xz[..., inner:]
-                # conv1d has read in_proj's x half, which z's view keeps allocated until the scan
-                # is done: x_proj's rows go there instead of into a buffer of their own.
-                rows_into = xz[..., :inner]
-                del xz
+                x = causal_conv1d_silu_tokens(x_plane, self.conv1d.weight, self.conv1d.bias)
+                # conv1d has read the x plane, which z's view keeps allocated until the scan is
+                # done: x_proj's rows go there instead of into a buffer of their own.
+                rows_into = x_plane
+                del x_plane
         else:
             # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
             # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
@@ -286,50 +286,49 @@ class MambaMixer(nn.Module):
         fp32 rows [dt, B, C] start B and C on 16 bytes when R and N are multiples of 4, so the scan
         reads them with vector loads. For 2-byte activations in inference (autocast) dt is padded
         with zero columns to a multiple of 8, which keeps that alignment. ``into`` (inference only):
-        (B, L, W) rows of x's dtype whose first columns take the rows, in place of a new buffer, if
-        W is wide enough; their row stride keeps the alignment when it is a multiple of 8 elements.
-        There each row is padded with zero columns to whole 32-byte sectors, which cuBLAS writes
-        faster (docs/performance.md, version 15).
+        a spent contiguous tensor of x's dtype whose memory takes the rows, one after another, in
+        place of a new buffer, if it is large enough.
         """
         rank, state = self.dt_rank, self.d_state
         pad = -rank % 8 if x.element_size() == 2 and not torch.is_grad_enabled() else 0
         width = rank + pad + 2 * state
-        tail = -width % (32 // x.element_size()) if into is not None else 0
-        if into is not None and into.shape[-1] < width + tail:
-            into, tail = None, 0
+        tokens = x.numel() // x.shape[-1]
+        if into is not None and not (into.is_contiguous() and into.dtype == x.dtype and into.numel() >= tokens * width):
+            into = None
         if into is None and not pad:
             return self.x_proj(x).transpose(1, 2).split([rank, state, state], dim=1)
-        weight = self._padded_x_proj_weight(pad, tail, x.dtype) if pad or tail else self.x_proj.weight
+        weight = self._padded_x_proj_weight(pad, x.dtype) if pad else self.x_proj.weight
         if into is None:
             rows = F.linear(x, weight)
         else:
-            rows = into[..., :weight.shape[0]]
-            # mm writes a row-strided output in place (cuBLAS's ldc); autocast passes out= calls
-            # through, and x and the weight already share the activations' dtype.
-            torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=rows.view(-1, weight.shape[0]))
+            rows = into.view(-1)[:tokens * width].view(*x.shape[:-1], width)
+            # autocast passes out= calls through, and x and the weight already share the
+            # activations' dtype.
+            torch.mm(x.reshape(tokens, x.shape[-1]), weight.t(), out=rows.view(tokens, width))
         rows = rows.transpose(1, 2)
-        return rows[:, :rank], rows[:, rank + pad:rank + pad + state], rows[:, rank + pad + state:width]
+        return rows[:, :rank], rows[:, rank + pad:rank + pad + state], rows[:, rank + pad + state:]
 
-    def _padded_x_proj_weight(self, pad: int, tail: int, dtype: torch.dtype) -> Tensor:
-        """x_proj's weight with ``pad`` zero rows after dt's and ``tail`` after C's, in ``dtype``, kept
-        as a ``derived_tensor`` so that inference does not pay a concatenation and a cast in every
-        ViMM call."""
+    def _padded_x_proj_weight(self, pad: int, dtype: torch.dtype) -> Tensor:
+        """x_proj's weight with ``pad`` zero rows after dt's, in ``dtype``, kept as a ``derived_tensor``
+        so that inference does not pay a concatenation and a cast in every ViMM call."""
         weight = self.x_proj.weight
-        zeros = weight.new_zeros
-        return derived_tensor(weight, ('x_proj_padded', pad, tail, dtype), lambda: torch.cat(
-            [weight[:self.dt_rank], zeros(pad, weight.shape[1]), weight[self.dt_rank:], zeros(tail, weight.shape[1])]
-        ).to(dtype))
+        return derived_tensor(weight, ('x_proj_padded', pad, dtype), lambda: torch.cat(
+            [weight[:self.dt_rank], weight.new_zeros(pad, weight.shape[1]), weight[self.dt_rank:]]).to(dtype))
 
     def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm], half: Optional[int] = None,
-                           out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """in_proj(norm(tokens)), (B, L, 2E), or with ``half`` 0 or 1 only its x or z half (B, L, E),
-        without autograd: LayerNorm runs inside in_proj's kernel, which stores its output in
-        ``out_dtype`` (default: the dtype of ``tokens``; under autocast, the autocast dtype, as
-        ``self.in_proj`` alone would give)."""
+                           out_dtype: Optional[torch.dtype] = None, planes: int = 1) -> Tensor:
+        """in_proj(norm(tokens)) without autograd, (B, L, 2E); with ``planes=2`` as (2, B, L, E), the x
+        plane then the z plane, each contiguous; with ``half`` 0 or 1 only its x or z half (B, L, E).
+        LayerNorm runs inside in_proj's kernel, which stores its output in ``out_dtype`` (default:
+        the dtype of ``tokens``; under autocast, the autocast dtype, as ``self.in_proj`` alone would
+        give).
+
+        Planes rather than rows of [x, z]: x_proj's rows then go into the spent x plane as contiguous
+        rows. Written into the x half of [x, z] rows, 960 bytes apart, they cost the GEMMs and the
+        scan's output pass 0.7-1.6% of the forward's GPU time (docs/performance.md, version 16)."""
         weight = self.in_proj.weight if half is None else self.in_proj.weight.chunk(2)[half]
-        if norm is None:
-            return F.linear(tokens, weight)
-        return layer_norm_linear_tokens(tokens, norm.weight, norm.bias, norm.eps, weight, out_dtype=out_dtype)
+        norm_args = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, norm.eps)
+        return layer_norm_linear_tokens(tokens, *norm_args, weight, out_dtype=out_dtype, planes=planes)
 
     def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None,
                 release_input: bool = False) -> Tensor:

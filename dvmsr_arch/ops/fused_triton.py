@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .launch import launch
@@ -110,30 +109,39 @@ def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float, width
     return _layer_norm_forward(x, weight, bias, eps, save_stats=False, width=width)[0]
 
 
-def layer_norm_linear_tokens(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, weight: Tensor,
-                             out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def layer_norm_linear_tokens(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
+                             weight: Tensor, out_dtype: Optional[torch.dtype] = None, planes: int = 1) -> Tensor:
     """``F.linear(F.layer_norm(x), weight)`` without bias, for inference: one kernel reads x once and
     writes only the projection, instead of writing the normalised tokens and reading them again.
 
     x (batch, L, C) any strides; weight (OUT, C). The matmul uses TF32 when
     ``torch.backends.cuda.matmul.allow_tf32`` allows it, as ``F.linear`` would. Returns a contiguous
-    (batch, L, OUT) tensor of x's dtype (or ``out_dtype``). Rows wider than ``LN_LINEAR_MAX_CHANNELS``
-    go through :func:`layer_norm_tokens` and ``F.linear`` instead.
+    (batch, L, OUT) tensor of x's dtype (or ``out_dtype``); with ``planes`` = P > 1, a (P, batch, L,
+    OUT / P) tensor whose planes are each contiguous, the p-th holding outputs p * OUT / P onwards (Mamba's
+    x and z halves apart). Rows wider than ``LN_LINEAR_MAX_CHANNELS``, or no ``norm_weight`` (no
+    LayerNorm), take :func:`layer_norm_tokens` and cuBLAS instead.
     """
     batch, length, channels = x.shape
-    out_features = weight.shape[0]
-    if channels > LN_LINEAR_MAX_CHANNELS:
-        normalised = layer_norm_tokens(x, norm_weight, norm_bias, eps)
-        return F.linear(normalised, weight.to(normalised.dtype)).to(out_dtype or x.dtype)
     rows = batch * length
-    y = torch.empty(batch, length, out_features, device=x.device, dtype=out_dtype or x.dtype)
-    # OUT is a constexpr: the compiler then knows where y's rows start and stores whole vectors for
-    # any width (as a run-time argument only for multiples of 16, and Mamba's halves are 120 wide).
-    launch(_kernels()._layer_norm_linear_fwd, (_cdiv(rows, LN_LINEAR_BLOCK_ROWS),),
-        x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, *x.stride(), eps, OUT=out_features,
-        BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)), BLOCK_O=LN_LINEAR_BLOCK_OUT,
-        TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=LN_LINEAR_WARPS)
-    return y
+    width = weight.shape[0] // planes
+    dtype = out_dtype or x.dtype
+    # Each plane starts on 128 bytes, so that the kernel may store whole vectors to every plane.
+    plane_stride = _cdiv(rows * width, 32) * 32 if planes > 1 else rows * width
+    storage = torch.empty(planes * plane_stride, device=x.device, dtype=dtype)
+    y = storage.as_strided((planes, batch, length, width), (plane_stride, length * width, width, 1))
+    if norm_weight is None or channels > LN_LINEAR_MAX_CHANNELS:
+        normalised = x if norm_weight is None else layer_norm_tokens(x, norm_weight, norm_bias, eps)
+        normalised = normalised.reshape(rows, channels).to(dtype)
+        for plane, plane_weight in zip(y, weight.to(dtype).split(width)):
+            torch.mm(normalised, plane_weight.t(), out=plane.view(rows, width))
+    else:
+        # WIDTH is a constexpr: the compiler then knows where y's rows start and stores whole vectors
+        # for any width (as a run-time argument only for multiples of 16, and Mamba's halves are 120 wide).
+        launch(_kernels()._layer_norm_linear_fwd, (_cdiv(rows, LN_LINEAR_BLOCK_ROWS),),
+            x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, *x.stride(), eps, plane_stride,
+            WIDTH=width, PLANES=planes, BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)),
+            BLOCK_O=LN_LINEAR_BLOCK_OUT, TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=LN_LINEAR_WARPS)
+    return y[0] if planes == 1 else y
 
 
 def _conv_grid(batch: int, length: int, inner: int, block_l: int, block_e: int):

@@ -53,20 +53,26 @@ def _causal_conv_rows(x_ptr, w_ptr, b_ptr, pid_b, t, e, e_mask, L, s_xb, s_xl, s
 
 
 @triton.jit
-def _store_times_weight(a, w_ptr, y_ptr, out_rows, row_mask, k, k_mask, K, OUT, BLOCK_O: tl.constexpr,
-                        TF32: tl.constexpr):
-    """Store a @ W^T (W (OUT, K) contiguous) at ``y_ptr + out_rows``, BLOCK_O outputs at a time. The
-    loop stays a loop for a constexpr OUT too: unrolled, its matmuls hold all their registers at once
-    (216 instead of 127 registers a thread at OUT = 120, in an offline sm_90 build)."""
-    for o0 in tl.range(0, OUT, BLOCK_O, loop_unroll_factor=1):
-        o = o0 + tl.arange(0, BLOCK_O)
-        o_mask = o < OUT
-        wt = tl.load(w_ptr + o[None, :] * K + k[:, None], mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+def _store_times_weight(a, w_ptr, y_ptr, rows, row_mask, k, k_mask, K, WIDTH: tl.constexpr, plane_stride,
+                        PLANES: tl.constexpr, BLOCK_O: tl.constexpr, TF32: tl.constexpr):
+    """Store a @ W^T, W (PLANES * WIDTH, K) contiguous, as PLANES planes ``plane_stride`` apart, each
+    of rows WIDTH wide: output j of token row r goes to plane j // WIDTH, at r * WIDTH + j % WIDTH.
+    One loop over the planes' blocks of BLOCK_O outputs, which stays a loop (unrolled, its matmuls
+    hold all their registers at once: 216 instead of 127 registers a thread at WIDTH = 120, in an
+    offline sm_90 build)."""
+    blocks = (WIDTH + BLOCK_O - 1) // BLOCK_O
+    for i in tl.range(0, PLANES * blocks, loop_unroll_factor=1):
+        plane = i // blocks
+        o = (i % blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_mask = o < WIDTH
+        wt = tl.load(w_ptr + (plane * WIDTH + o[None, :]) * K + k[:, None], mask=k_mask[:, None] & o_mask[None, :],
+                     other=0.0)
         if TF32:
             y = tl.dot(a, wt.to(tl.float32), input_precision='tf32')
         else:
             y = tl.dot(a, wt.to(tl.float32), input_precision='ieee')
-        tl.store(y_ptr + out_rows + o[None, :], y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & o_mask[None, :])
+        tl.store(y_ptr + plane * plane_stride + rows[:, None] * WIDTH + o[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & o_mask[None, :])
 
 
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_yb'])
@@ -160,17 +166,19 @@ def _causal_conv_bwd_dx(gpre_ptr, w_ptr, dx_ptr, L, E, K: tl.constexpr, BLOCK_L:
 
 
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb'])
-def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, s_xb, s_xl, s_xc, eps,
-                           OUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
-                           TF32: tl.constexpr):
+def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, s_xb, s_xl, s_xc, eps, plane_stride,
+                           WIDTH: tl.constexpr, PLANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_O: tl.constexpr, TF32: tl.constexpr):
     """y = LayerNorm(x) @ W^T for a block of token rows: the normalised rows stay in registers.
 
-    x (batch, L, C) any strides; W (OUT, C) contiguous; y (rows, OUT) contiguous. C fits one block.
+    x (batch, L, C) any strides; W (PLANES * WIDTH, C) contiguous; y: PLANES planes of (rows, WIDTH)
+    contiguous, ``plane_stride`` elements apart (see ``_store_times_weight``). C fits one block.
     """
     r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
     xn, _, _ = _normalised_rows(x_ptr, nw_ptr, nb_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
     xn = tl.where(mask, xn, 0.0)  # padded columns and rows must add nothing to the matmul
-    _store_times_weight(xn, w_ptr, y_ptr, r.to(tl.int64)[:, None] * OUT, r_mask, c, c_mask, C, OUT, BLOCK_O, TF32)
+    _store_times_weight(xn, w_ptr, y_ptr, r.to(tl.int64), r_mask, c, c_mask, C, WIDTH, plane_stride, PLANES, BLOCK_O,
+                        TF32)
 
 
 @triton.jit(do_not_specialize=['rows', 'L', 's_yb', 's_sb'])
