@@ -23,8 +23,11 @@ LN_LINEAR_BLOCK_ROWS = 128
 LN_LINEAR_MAX_CHANNELS = 64
 LN_LINEAR_BLOCK_OUT = 64
 LN_LINEAR_WARPS = 8
-CONV_BLOCK_L = 64
-CONV_BLOCK_E = 32
+# conv1d's forward: short blocks of tokens across (up to) all the channels, so that a program reads
+# whole rows of in_proj's x plane. Inside the network at LR 339x510 it took 68 us a call at 16 x
+# 128 against 85 us at 64 x 32 (H100, docs/performance.md, version 16).
+CONV_BLOCK_L = 16
+CONV_BLOCK_E = 128
 # conv1d's backward kernels: short blocks of tokens across all the channels. In a training step the
 # first of them took 218 us a call at 16 x 128 against 310 us at the forward's 64 x 32
 # (docs/performance.md, 13e).
