@@ -12,6 +12,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from multiprocessing import Pool
 from os import path as osp
 from typing import List, Sequence, Tuple
@@ -59,21 +60,46 @@ def encode_image(task: Tuple[str, int]) -> Tuple[str, bytes, Tuple[int, int, int
     return path, png.tobytes(), (h, w, 1 if image.ndim == 2 else image.shape[2])
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuse an --output that cannot be written, before any image is read."""
     if not output.endswith('.lmdb'):
         raise UsageError(f'--output {output}: the name must end with .lmdb')
     if osp.exists(output):
         if not overwrite:
             raise UsageError(f'--output {output}: already exists (pass --overwrite to replace it)')
-        shutil.rmtree(output)
-    os.makedirs(output)
+        if not osp.isdir(output):
+            raise UsageError(f'--output {output}: is a file, not an LMDB folder; remove it or choose another name')
 
 
 def write_lmdb(folder: str, output: str, *, compress_level: int = 1, workers: int = 1, overwrite: bool = False,
                names: Sequence[str] = (), desc: str = '') -> int:
-    """Write the images of ``folder`` (or just ``names`` in it) to ``output``; returns how many."""
+    """Write the images of ``folder`` (or just ``names`` in it) to ``output``; returns how many.
+
+    The LMDB is built in a temporary folder next to ``output`` and takes its name only once every
+    image is in: an unreadable image (found only when its turn comes) or an interruption leaves
+    nothing half-made, and an LMDB that ``overwrite`` replaces stays as it was until then."""
     names = list(names) or list_images(folder)
-    prepare_output(output, overwrite)
+    check_output(output, overwrite)
+    parent = osp.dirname(osp.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    building = tempfile.mkdtemp(prefix=osp.basename(output) + '.', suffix='.partial', dir=parent)
+    try:
+        count = _write_images(folder, names, building, compress_level, workers, desc or osp.basename(output))
+        if osp.exists(output):
+            old = building + '.old'
+            os.rename(output, old)
+            os.rename(building, output)
+            shutil.rmtree(old)
+        else:
+            os.rename(building, output)
+    finally:
+        if osp.exists(building):
+            shutil.rmtree(building)
+    return count
+
+
+def _write_images(folder: str, names: Sequence[str], output: str, compress_level: int, workers: int,
+                  desc: str) -> int:
     sizes = sum(osp.getsize(osp.join(folder, n)) for n in names)
     # The map is a sparse file, so a generous start costs no disk; it doubles whenever the images need more.
     map_size = 2 * sizes + (64 << 20)
@@ -81,25 +107,26 @@ def write_lmdb(folder: str, output: str, *, compress_level: int = 1, workers: in
     tasks = [(osp.join(folder, n), compress_level) for n in names]
     meta_lines = []
     written = 0
-    with Pool(workers) if workers > 1 else _Serial() as pool:
-        txn = env.begin(write=True)
-        for count, (path, png, (h, w, c)) in enumerate(
-                tqdm(pool.imap(encode_image, tasks, chunksize=4), total=len(tasks), unit='img',
-                     desc=desc or osp.basename(output)), 1):
-            if written + len(png) > MAP_FILL * map_size:  # grow the map between transactions
-                txn.commit()
-                map_size *= 2
-                env.set_mapsize(map_size)
-                txn = env.begin(write=True)
-            key = osp.splitext(osp.basename(path))[0]
-            txn.put(key.encode('ascii'), png)
-            written += len(png)
-            meta_lines.append(f'{key}.png ({h},{w},{c}) {compress_level}')
-            if count % COMMIT_EVERY == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-        txn.commit()
-    env.close()
+    try:
+        with Pool(workers) if workers > 1 else _Serial() as pool:
+            txn = env.begin(write=True)
+            for count, (path, png, (h, w, c)) in enumerate(
+                    tqdm(pool.imap(encode_image, tasks, chunksize=4), total=len(tasks), unit='img', desc=desc), 1):
+                if written + len(png) > MAP_FILL * map_size:  # grow the map between transactions
+                    txn.commit()
+                    map_size *= 2
+                    env.set_mapsize(map_size)
+                    txn = env.begin(write=True)
+                key = osp.splitext(osp.basename(path))[0]
+                txn.put(key.encode('ascii'), png)
+                written += len(png)
+                meta_lines.append(f'{key}.png ({h},{w},{c}) {compress_level}')
+                if count % COMMIT_EVERY == 0:
+                    txn.commit()
+                    txn = env.begin(write=True)
+            txn.commit()
+    finally:
+        env.close()
     with open(osp.join(output, 'meta_info.txt'), 'w') as f:
         f.write('\n'.join(meta_lines) + '\n')
     return len(meta_lines)

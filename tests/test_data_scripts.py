@@ -79,6 +79,21 @@ def test_make_lmdb_layout_round_trip_and_overwrite(tmp_path, capsys):
     cli('make_lmdb.py', '--input', folder, '--output', out, '--overwrite', '--compress-level', '5', '--workers', '1')
     assert (out / 'meta_info.txt').read_text().splitlines() == ['a.png (40,52,3) 5', 'b.png (33,20,1) 5']
 
+    # An unreadable image is found only when its turn comes: the LMDB it would have replaced stays
+    # whole, and no half-made folder is left behind, with --overwrite or without.
+    (folder / 'zz.png').write_bytes(b'not a png')
+    for output, extra in ((out, ['--overwrite']), (tmp_path / 'new.lmdb', [])):
+        assert make_lmdb.main([str(a) for a in ('--input', folder, '--output', output, '--workers', '1', *extra)]) == 2
+        # after the progress bar's lines
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f'error: {folder / "zz.png"}: not a readable image'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['imgs', 'set.lmdb']
+    assert (out / 'meta_info.txt').read_text().splitlines() == ['a.png (40,52,3) 5', 'b.png (33,20,1) 5']
+    assert np.array_equal(lmdb_image(out, 'a'), images['a'])
+    os.remove(folder / 'zz.png')
+    (tmp_path / 'file.lmdb').write_text('')
+    assert refused(capsys, make_lmdb.main, '--input', folder, '--output', tmp_path / 'file.lmdb', '--overwrite') == (
+        f'error: --output {tmp_path / "file.lmdb"}: is a file, not an LMDB folder; remove it or choose another name')
+
     assert refused(capsys, make_lmdb.main, '--input', tmp_path / 'nowhere', '--output', tmp_path / 'x.lmdb') == (
         f'error: --input {tmp_path / "nowhere"}: not a folder')
     assert refused(capsys, make_lmdb.main, '--input', folder, '--output', tmp_path / 'x.db') == (
