@@ -200,6 +200,7 @@ def _option_file_from_argv() -> Optional[str]:
 def check_options(opt: dict) -> None:
     """Every check of this module, in the order a user would fix things."""
     _check_required_keys(opt)
+    _check_network_path_keys(opt)
     networks = check_networks(opt)
     check_pretrained_networks(opt, networks)
     check_resume_state(opt)
@@ -228,6 +229,24 @@ def _check_required_keys(opt: dict) -> None:
         raise InputError(f'{opt["opt_file"]}: datasets is empty; name at least one test set')
     if 'tf32' in opt and not isinstance(opt['tf32'], bool):
         raise InputError(f'{opt["opt_file"]}: tf32 must be true or false, not {opt["tf32"]!r}')
+
+
+NETWORK_PATH_KEYS = ('pretrain_network_', 'strict_load_', 'param_key_')
+
+
+def _check_network_path_keys(opt: dict) -> None:
+    """``path``'s per-network keys name a network of the file, and a test run loads weights into
+    ``network_g``. BasicSR skips a key it does not know: a misspelt ``pretrain_network_g`` made
+    test.py score a network of random weights (about 10 dB on Set5) and exit 0."""
+    networks = sorted(_suffix(k) for k in opt if k.startswith('network_'))
+    for key in opt['path']:
+        prefix = next((p for p in NETWORK_PATH_KEYS if key.startswith(p)), None)
+        if prefix is not None and key[len(prefix):] not in networks:
+            known = ', '.join(f'{prefix}{n}' for n in networks)
+            raise InputError(f'path.{key}: the file has no network_{key[len(prefix):]} (its keys of this kind: {known})')
+    if not opt['is_train'] and 'g' in networks and not opt['path'].get('pretrain_network_g'):
+        raise InputError(f'{opt["opt_file"]}: path.pretrain_network_g is missing; a test run needs the weights to '
+                         'evaluate')
 
 
 def _run_device(opt: dict) -> torch.device:
@@ -322,7 +341,8 @@ def _load_state_dict(path: str, param_key: Optional[str], allow_plain: bool, whe
     else:
         keys = ', '.join(map(str, list(checkpoint)[:EXAMPLES]))
         raise InputError(f'{where}: {path} has no {param_key!r} or \'params\' entry (its top-level keys: {keys}); '
-                         'set param_key to the right entry, or ~ for a plain state_dict')
+                         f'set {where.replace("pretrain_network_", "param_key_")} to the right entry, or ~ for a '
+                         'plain state_dict')
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
 
 

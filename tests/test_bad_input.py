@@ -184,6 +184,43 @@ def test_teacher_checkpoint_that_is_truncated(tmp_path, monkeypatch, data, exper
     assert message.startswith(f'path.pretrain_network_t: {teacher} cannot be loaded')
 
 
+def test_checkpoint_without_the_param_key_names_the_key_to_set(tmp_path, monkeypatch, data, experiment):
+    teacher = tmp_path / 'teacher.pth'
+    torch.save({'weights': {'conv_first.weight': torch.zeros(1)}}, teacher)
+    opt = tiny.training_options(experiment, **data['lmdb'], teacher=teacher)
+    opt['path']['param_key_t'] = 'params_ema'
+    message = problem(tmp_path, monkeypatch, opt)
+    assert message.startswith(f"path.pretrain_network_t: {teacher} has no 'params_ema' or 'params' entry "
+                              '(its top-level keys: weights); set path.param_key_t to the right entry')
+
+
+def options_for_test_run(experiment: str, pairs: dict, path: dict) -> dict:
+    """A test.py option file: one paired folder, the tiny network, ``path`` as given."""
+    return {'name': experiment, 'model_type': 'SRModel', 'scale': tiny.SCALE, 'num_gpu': 0,
+            'datasets': {'test_1': {'name': 'pairs', 'type': 'PairedImageDataset', 'io_backend': {'type': 'disk'},
+                                    'dataroot_gt': str(pairs['gt']), 'dataroot_lq': str(pairs['lq'])}},
+            'network_g': dict(tiny.TINY_NET), 'path': path,
+            'val': {'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4}}}}
+
+
+def test_test_run_without_weights_or_with_a_misspelt_path_key(tmp_path, monkeypatch, data, experiment):
+    # BasicSR skips keys it does not know: a test run would score a network of random weights.
+    weights = tiny.save_tiny_teacher(tmp_path / 'net.pth')
+    opt = options_for_test_run(experiment, data['folder'], {'pretrain_network_gg': str(weights)})
+    assert problem(tmp_path, monkeypatch, opt, is_train=False) == (
+        'path.pretrain_network_gg: the file has no network_gg (its keys of this kind: pretrain_network_g)')
+    opt['path'] = {'pretrain_network_g': str(weights), 'strict_load_G': True}
+    assert problem(tmp_path, monkeypatch, opt, is_train=False) == (
+        'path.strict_load_G: the file has no network_G (its keys of this kind: strict_load_g)')
+    opt['path'] = {}
+    assert problem(tmp_path, monkeypatch, opt, is_train=False).endswith(
+        'opt.yml: path.pretrain_network_g is missing; a test run needs the weights to evaluate')
+    # A training run may start from random weights; its misspelt keys are refused all the same.
+    opt = tiny.training_options(experiment, **data['lmdb'])
+    opt['path']['param_key_gg'] = 'params'
+    assert problem(tmp_path, monkeypatch, opt).startswith('path.param_key_gg: the file has no network_gg')
+
+
 def test_force_yml_number_written_as_string(tmp_path, monkeypatch, data, experiment):
     message = problem(tmp_path, monkeypatch, tiny.training_options(experiment, **data['lmdb']),
                       '--force_yml', 'train:optim_g:lr=1e-4')
