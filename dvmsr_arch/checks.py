@@ -564,10 +564,16 @@ def _lmdb_entries(where: str, root: str) -> Dict[str, Entry]:
 
 
 def _folder_entries(where: str, root: str) -> Dict[str, Entry]:
-    names = sorted(n for n in os.listdir(root) if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith('.'))
-    if not names:
+    # BasicSR's paired_paths_from_folder takes every file of the folder but hidden ones: a notes.txt
+    # beside the images would fail only when a worker decodes it, at the first validation or test.
+    files = sorted(n for n in os.listdir(root) if not n.startswith('.') and osp.isfile(osp.join(root, n)))
+    others = [n for n in files if not n.lower().endswith(IMAGE_SUFFIXES)]
+    if others:
+        raise InputError(f'{where}: {root} holds files that are not images ({_count(len(others), "file")}: '
+                         f'{_examples(others)}); BasicSR reads every file of the folder, so move them out')
+    if not files:
         raise InputError(f'{where}: {root} holds no images ({", ".join(IMAGE_SUFFIXES)})')
-    return {name: _file_header_size(osp.join(root, name)) for name in names}
+    return {name: _file_header_size(osp.join(root, name)) for name in files}
 
 
 def _meta_file_entries(where: str, ds: dict):

@@ -54,6 +54,15 @@ def problem(tmp_path, monkeypatch, opt: dict, *args: str, is_train: bool = True)
     return message
 
 
+def options_for_test_run(experiment: str, pairs: dict, path: dict) -> dict:
+    """A test.py option file: one paired folder, the tiny network, ``path`` as given."""
+    return {'name': experiment, 'model_type': 'SRModel', 'scale': tiny.SCALE, 'num_gpu': 0,
+            'datasets': {'test_1': {'name': 'pairs', 'type': 'PairedImageDataset', 'io_backend': {'type': 'disk'},
+                                    'dataroot_gt': str(pairs['gt']), 'dataroot_lq': str(pairs['lq'])}},
+            'network_g': dict(tiny.TINY_NET), 'path': path,
+            'val': {'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4}}}}
+
+
 def test_good_options_pass(tmp_path, monkeypatch, data, experiment):
     opt_path = tiny.write_options(tmp_path / 'opt.yml', tiny.training_options(experiment, **data['lmdb']))
     monkeypatch.setattr(sys, 'argv', ['train.py', '-opt', str(opt_path)])
@@ -91,6 +100,23 @@ def test_gt_and_lq_with_different_names(tmp_path, monkeypatch, data, experiment)
     message = problem(tmp_path, monkeypatch, opt)
     assert message.startswith('datasets.train: GT and LQ hold different names')
     assert 'img_002.png' in message and 'img_002_x4.png' in message
+
+
+def test_file_that_is_not_an_image_in_a_folder(tmp_path, monkeypatch, data, experiment):
+    # BasicSR pairs every file of the folders: without the check, notes.txt failed in a data-loader
+    # worker at the first validation, without its name. Hidden files are skipped, as BasicSR does.
+    gt = copy_tree(data['folder']['gt'], tmp_path / 'GT')
+    (gt / 'notes.txt').write_text('where these images come from')
+    (gt / '.DS_Store').write_bytes(b'\0')
+    weights = tiny.save_tiny_teacher(tmp_path / 'net.pth')
+    opt = options_for_test_run(experiment, {'gt': gt, 'lq': data['folder']['lq']}, {'pretrain_network_g': str(weights)})
+    assert problem(tmp_path, monkeypatch, opt, is_train=False) == (
+        f'datasets.test_1.dataroot_gt: {gt} holds files that are not images (1 file: notes.txt); BasicSR reads '
+        'every file of the folder, so move them out')
+    (gt / 'notes.txt').unlink()
+    opt_path = tiny.write_options(tmp_path / 'opt.yml', opt)
+    monkeypatch.setattr(sys, 'argv', ['test.py', '-opt', str(opt_path)])
+    checks.check_options(checks.preview_options(str(REPO), is_train=False))
 
 
 def test_size_ratio_other_than_scale(tmp_path, monkeypatch, data, experiment):
@@ -192,15 +218,6 @@ def test_checkpoint_without_the_param_key_names_the_key_to_set(tmp_path, monkeyp
     message = problem(tmp_path, monkeypatch, opt)
     assert message.startswith(f"path.pretrain_network_t: {teacher} has no 'params_ema' or 'params' entry "
                               '(its top-level keys: weights); set path.param_key_t to the right entry')
-
-
-def options_for_test_run(experiment: str, pairs: dict, path: dict) -> dict:
-    """A test.py option file: one paired folder, the tiny network, ``path`` as given."""
-    return {'name': experiment, 'model_type': 'SRModel', 'scale': tiny.SCALE, 'num_gpu': 0,
-            'datasets': {'test_1': {'name': 'pairs', 'type': 'PairedImageDataset', 'io_backend': {'type': 'disk'},
-                                    'dataroot_gt': str(pairs['gt']), 'dataroot_lq': str(pairs['lq'])}},
-            'network_g': dict(tiny.TINY_NET), 'path': path,
-            'val': {'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4}}}}
 
 
 def test_test_run_without_weights_or_with_a_misspelt_path_key(tmp_path, monkeypatch, data, experiment):
