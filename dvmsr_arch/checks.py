@@ -498,6 +498,15 @@ def _check_dataset(where: str, ds: dict, opt: dict) -> None:
         names_gt = {f'{tmpl.format(osp.splitext(n)[0])}{osp.splitext(n)[1]}': n for n in gt}
         names_lq = {n: n for n in lq}
     _check_pairs(where, ds, roots, gt, lq, names_gt, names_lq, scale, training)
+    if training:
+        # The loader drops a partial batch: with no whole one an epoch is empty, and the run would
+        # count its epochs through without a step. Under torchrun each rank samples 1/WORLD_SIZE.
+        world = int(os.environ.get('WORLD_SIZE', '1')) if opt.get('launcher', 'none') == 'pytorch' else 1
+        samples = math.ceil(len(names_gt) * ds.get('dataset_enlarge_ratio', 1) / world)
+        if samples < ds['batch_size_per_gpu']:
+            raise InputError(f'{where}: {_count(len(names_gt), "pair")} give no whole batch of batch_size_per_gpu '
+                             f'{ds["batch_size_per_gpu"]}{f" on each of {world} GPUs" if world > 1 else ""}; lower '
+                             'it or raise dataset_enlarge_ratio')
 
 
 def _check_root(where: str, root: str, io_backend: str) -> None:

@@ -205,6 +205,35 @@ def _build_model_stopping_on_non_finite_loss(opt):
 
 _basicsr_train.build_model = _build_model_stopping_on_non_finite_loss
 
+_create_train_val_dataloader = _basicsr_train.create_train_val_dataloader
+
+
+def _create_train_val_dataloader_reaching_total_iter(opt, logger):
+    """basicsr's, with enough epochs to reach ``train.total_iter``.
+
+    basicsr counts ceil(images x enlarge ratio / (batch x world size)) iterations an epoch, but its
+    training DataLoader drops the last partial batch, so an epoch gives the floor of that, and a run
+    whose sizes do not divide ended short of total_iter without a word (3 images at batch 2: 3 of 4
+    iterations). Here the epochs are counted from the loader's own length.
+    """
+    train_loader, train_sampler, val_loaders, total_epochs, total_iters = _create_train_val_dataloader(opt, logger)
+    if train_loader is not None:
+        per_epoch = len(train_loader)
+        if per_epoch == 0:
+            raise _checks.InputError(f'datasets.train: {len(train_loader.dataset)} images give no whole batch of '
+                                     f'batch_size_per_gpu x {opt["world_size"]} GPUs; lower the batch size or set '
+                                     'dataset_enlarge_ratio')
+        needed = -(-total_iters // per_epoch)
+        if needed != total_epochs:
+            batches = f'{per_epoch} whole batch{"" if per_epoch == 1 else "es"}'
+            logger.info(f'Total epochs: {needed}, not {total_epochs}: {batches} an epoch (the data loader drops a '
+                        f'partial one) to reach {total_iters} iterations.')
+            total_epochs = needed
+    return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+
+
+_basicsr_train.create_train_val_dataloader = _create_train_val_dataloader_reaching_total_iter
+
 _build_dataset = _basicsr_train.build_dataset
 
 

@@ -119,6 +119,18 @@ def test_file_that_is_not_an_image_in_a_folder(tmp_path, monkeypatch, data, expe
     checks.check_options(checks.preview_options(str(REPO), is_train=False))
 
 
+def test_training_set_smaller_than_one_batch(tmp_path, monkeypatch, data, experiment):
+    # An epoch would be empty (the loader drops a partial batch): the run would count its epochs
+    # through without a step.
+    opt = tiny.training_options(experiment, **data['lmdb'], batch=5)
+    assert problem(tmp_path, monkeypatch, opt) == (
+        'datasets.train: 4 pairs give no whole batch of batch_size_per_gpu 5; lower it or raise dataset_enlarge_ratio')
+    opt['datasets']['train']['dataset_enlarge_ratio'] = 2
+    opt_path = tiny.write_options(tmp_path / 'opt.yml', opt)
+    monkeypatch.setattr(sys, 'argv', ['train.py', '-opt', str(opt_path)])
+    checks.check_options(checks.preview_options(str(REPO), is_train=True))
+
+
 def test_size_ratio_other_than_scale(tmp_path, monkeypatch, data, experiment):
     lq = copy_tree(data['folder']['lq'], tmp_path / 'LQ')
     cv2.imwrite(str(lq / 'img_001.png'), np.zeros((16, 16, 3), np.uint8))  # x3, not x4, of 48

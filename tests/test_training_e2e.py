@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+import tiny_training as tiny
+
 REPO = Path(__file__).resolve().parents[1]
 SCALE = 4
 STUDENT = {'type': 'DVMSR', 'upscale': SCALE, 'embed_dim': 8, 'depths': [1], 'd_state': 4, 'drop_path_rate': 0.0}
@@ -166,3 +168,18 @@ def test_distill_train_resume_and_test(tmp_path, experiment_name):
         expected.append(calculate_psnr((sr * 255).round(), hr, crop_border=SCALE, test_y_channel=True))
     assert psnr == pytest.approx(float(np.mean(expected)), abs=1e-3)
     assert 0 < ssim <= 1
+
+
+def test_training_reaches_total_iter_when_batches_do_not_divide(tmp_path, experiment_name):
+    """4 pairs at batch 3: one whole batch an epoch. BasicSR counted two (its DataLoader drops the
+    partial batch it counts), so it ran epochs 0 to 2 and stopped after 3 of 4 iterations without a
+    word."""
+    lmdbs = tiny.write_lmdbs(tmp_path / 'lmdb', count=4, gt_side=48)
+    opt = tiny.training_options(experiment_name, lmdbs['gt'], lmdbs['lq'], total_iter=4, save_freq=4, batch=3)
+    result = tiny.run_cli('train.py', tiny.write_options(tmp_path / 'opt.yml', opt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = REPO / 'experiments' / experiment_name
+    log = log_text(experiment)
+    assert [int(i) for i in re.findall(r'iter:\s*(\d+), lr:', log)] == [1, 2, 3, 4]
+    assert 'Total epochs: 4, not 2: 1 whole batch an epoch' in log
+    assert (experiment / 'training_states' / '4.state').is_file()
