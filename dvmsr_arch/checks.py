@@ -175,11 +175,29 @@ def preview_options(root_path: str, is_train: bool) -> dict:
         raise InputError(f'{opt_file}: the key {error} is missing (or --force_yml names a key the file lacks)') from None
     except (TypeError, AttributeError) as error:
         raise InputError(f'{opt_file}: not a BasicSR option file ({error})') from None
+    except ValueError:  # BasicSR splits each --force_yml entry at its one '='
+        entry = next((a for a in _force_yml_entries() if a.count('=') != 1), None)
+        if entry is None:
+            raise
+        raise InputError(f'--force_yml {entry}: write one key path and one value, as train:ema_decay=0.999') from None
     finally:
         basicsr_options.init_dist = start
     opt['opt_file'] = args.opt
     opt['launcher'] = args.launcher
     return opt
+
+
+def _force_yml_entries() -> List[str]:
+    """The arguments after --force_yml, up to the next option."""
+    argv = sys.argv[1:]
+    if '--force_yml' not in argv:
+        return []
+    entries = []
+    for arg in argv[argv.index('--force_yml') + 1:]:
+        if arg.startswith('-'):
+            break
+        entries.append(arg)
+    return entries
 
 
 def _option_file_from_argv() -> Optional[str]:
@@ -200,6 +218,7 @@ def _option_file_from_argv() -> Optional[str]:
 def check_options(opt: dict) -> None:
     """Every check of this module, in the order a user would fix things."""
     _check_required_keys(opt)
+    _check_metrics(opt)
     _check_network_path_keys(opt)
     networks = check_networks(opt)
     check_pretrained_networks(opt, networks)
@@ -227,6 +246,14 @@ def _check_required_keys(opt: dict) -> None:
                 raise InputError(f'{dotted}: {value!r} is not a number (in --force_yml write "!!float 1e-4")')
     if not opt['is_train'] and not opt['datasets']:
         raise InputError(f'{opt["opt_file"]}: datasets is empty; name at least one test set')
+    if opt['is_train']:
+        # BasicSR would fail only later: at the first validation without val_freq, and after
+        # building the networks without a loss.
+        if isinstance(opt.get('val'), dict) and opt['val'].get('val_freq') is None:
+            raise InputError(f'{opt["opt_file"]}: the key val.val_freq is missing')
+        if not (opt['train'].get('pixel_opt') or opt['train'].get('perceptual_opt')):
+            raise InputError(f'{opt["opt_file"]}: train has neither pixel_opt nor perceptual_opt; set the loss '
+                             '(paper Eq. 5: pixel_opt, L1Loss)')
     if 'tf32' in opt and not isinstance(opt['tf32'], bool):
         raise InputError(f'{opt["opt_file"]}: tf32 must be true or false, not {opt["tf32"]!r}')
 
@@ -247,6 +274,26 @@ def _check_network_path_keys(opt: dict) -> None:
     if not opt['is_train'] and 'g' in networks and not opt['path'].get('pretrain_network_g'):
         raise InputError(f'{opt["opt_file"]}: path.pretrain_network_g is missing; a test run needs the weights to '
                          'evaluate')
+
+
+def _check_metrics(opt: dict) -> None:
+    """Each ``val.metrics`` entry names a registered metric and sets its required arguments: a
+    metric without ``crop_border`` failed at the first image it scored, after the inference."""
+    from basicsr.utils.registry import METRIC_REGISTRY
+
+    metrics = (opt.get('val') or {}).get('metrics') or {}
+    for name, metric in metrics.items():
+        where = f'val.metrics.{name}'
+        if not isinstance(metric, dict) or 'type' not in metric:
+            raise InputError(f'{where}.type is missing')
+        if metric['type'] not in METRIC_REGISTRY:
+            raise InputError(f'{where}.type: no metric named {metric["type"]!r} is registered')
+        parameters = list(inspect.signature(METRIC_REGISTRY.get(metric['type'])).parameters.values())[2:]
+        for parameter in parameters:  # after the two images
+            required = parameter.default is inspect.Parameter.empty and parameter.kind in (
+                inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            if required and parameter.name not in metric:
+                raise InputError(f'{where}.{parameter.name} is missing ({metric["type"]} needs it)')
 
 
 def _run_device(opt: dict) -> torch.device:

@@ -250,6 +250,33 @@ def test_test_run_without_weights_or_with_a_misspelt_path_key(tmp_path, monkeypa
     assert problem(tmp_path, monkeypatch, opt).startswith('path.param_key_gg: the file has no network_gg')
 
 
+def test_force_yml_entry_without_one_equals_sign(tmp_path, monkeypatch, data, experiment):
+    opt_path = tiny.write_options(tmp_path / 'opt.yml', tiny.training_options(experiment, **data['lmdb']))
+    monkeypatch.setattr(sys, 'argv', ['train.py', '-opt', str(opt_path), '--force_yml', 'train:ema_decay=0.9',
+                                      'path:param_key_g', '--auto_resume'])
+    with pytest.raises(checks.InputError) as caught:
+        checks.preview_options(str(REPO), is_train=True)
+    assert str(caught.value) == ('--force_yml path:param_key_g: write one key path and one value, as '
+                                 'train:ema_decay=0.999')
+
+
+def test_keys_basicsr_would_miss_only_later(tmp_path, monkeypatch, data, experiment):
+    # Each of these failed with a traceback: after the networks were built (no loss), at the first
+    # validation (no val_freq), at the first image scored (a metric without crop_border).
+    opt = tiny.training_options(experiment, **data['lmdb'], val=data['folder'])
+    opt['train']['pixel_optt'] = opt['train'].pop('pixel_opt')
+    assert problem(tmp_path, monkeypatch, opt).endswith(
+        'opt.yml: train has neither pixel_opt nor perceptual_opt; set the loss (paper Eq. 5: pixel_opt, L1Loss)')
+    opt['train']['pixel_opt'] = opt['train'].pop('pixel_optt')
+    opt['val']['val_frq'] = opt['val'].pop('val_freq')
+    assert problem(tmp_path, monkeypatch, opt).endswith('opt.yml: the key val.val_freq is missing')
+    opt['val']['val_freq'] = opt['val'].pop('val_frq')
+    opt['val']['metrics']['psnr']['crop_boder'] = opt['val']['metrics']['psnr'].pop('crop_border')
+    assert problem(tmp_path, monkeypatch, opt) == 'val.metrics.psnr.crop_border is missing (calculate_psnr needs it)'
+    opt['val']['metrics']['psnr'] = {'type': 'calculate_psnrr', 'crop_border': 4}
+    assert problem(tmp_path, monkeypatch, opt) == "val.metrics.psnr.type: no metric named 'calculate_psnrr' is registered"
+
+
 def test_force_yml_number_written_as_string(tmp_path, monkeypatch, data, experiment):
     message = problem(tmp_path, monkeypatch, tiny.training_options(experiment, **data['lmdb']),
                       '--force_yml', 'train:optim_g:lr=1e-4')
