@@ -87,8 +87,8 @@ def score(sr: np.ndarray, hr_path: Path, crop: int):
     """(PSNR, SSIM) of the uint8-rounded output against the ground truth, Y channel."""
     hr = imageio.read_image(hr_path).rgb
     if hr.shape != sr.shape:
-        raise imageio.ImageReadError(f'{hr_path}: ground truth is {hr.shape[1]}x{hr.shape[0]}, '
-                                     f'the output {sr.shape[1]}x{sr.shape[0]}')
+        raise imageio.ImageReadError(f'{hr_path}: ground truth is {hr.shape[0]}x{hr.shape[1]}, '
+                                     f'the output {sr.shape[0]}x{sr.shape[1]}')
     sr8, hr8 = imageio.rgb_to_uint8_bgr(sr), imageio.rgb_to_uint8_bgr(hr)
     return (calculate_psnr(sr8, hr8, crop, test_y_channel=True), calculate_ssim(sr8, hr8, crop, test_y_channel=True))
 
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     output_dir = Path(args.output)
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f'{arch} x{net_scale} from {args.model_path} on {device}'
+          + (f', outputs resized to x{out_scale:g}' if out_scale != net_scale else '')
           + (f', tiles of {args.tile} + {args.tile_pad} px' if args.tile else ', whole images'))
     failed, done, model_seconds, megapixels, scores = [], 0, 0.0, 0.0, []
     start = time.perf_counter()
@@ -167,15 +168,19 @@ def main(argv=None) -> int:
         megapixels += height * width / 1e6
         bar.set_postfix_str(f'{path.name} {seconds * 1000:.0f} ms')
         quality = ''
+        score_error = None
         if hr is not None:
             try:
                 scores.append(score(sr, find_ground_truth(hr, path), net_scale))
                 quality = f', PSNR-Y {scores[-1][0]:.3f} dB, SSIM-Y {scores[-1][1]:.4f}'
             except imageio.ImageReadError as error:
-                tqdm.write(f'error: {error}', file=sys.stderr)
+                score_error = error
                 failed.append(path)
-        tqdm.write(f'{path.name}: {width}x{height} -> {sr.shape[1]}x{sr.shape[0]}, {seconds * 1000:.0f} ms'
+        # Sizes as height x width, as everywhere else in the project.
+        tqdm.write(f'{path.name}: {height}x{width} -> {sr.shape[0]}x{sr.shape[1]}, {seconds * 1000:.0f} ms'
                    f'{quality} -> {target}')
+        if score_error is not None:  # after the image's own line: the image was written, its score failed
+            tqdm.write(f'error: {score_error}', file=sys.stderr)
     bar.close()
     total = time.perf_counter() - start
     per_mp = f'{model_seconds * 1000 / megapixels:.0f} ms per input megapixel' if megapixels else 'no timing'

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         if args.lr:
             lr = imageio.read_image(args.lr).rgb
             if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
-                raise ValueError(f'{args.lr}: {lr.shape[1]}x{lr.shape[0]} is not {args.image} divided by {scale}')
+                raise ValueError(f'{args.lr}: {lr.shape[0]}x{lr.shape[1]} is not {args.image} divided by {scale}')
         else:
             lr = np.clip(imresize(hr.astype(np.float64), 1 / scale), 0, 1).astype(np.float32)
         if args.batch_size < 1:

@@ -60,6 +60,7 @@ def test_folder_of_mixed_images(tiny_model, tmp_path, capsys):
     assert code == 1  # one unreadable file
     assert f'{inputs / "broken.png"}: not a readable image' in captured.err
     assert '5 images in' in captured.out and 'ms per input megapixel' in captured.out and '1 failed' in captured.out
+    assert 'colour.png: 10x12 -> 40x48, ' in captured.out  # height x width
     assert sorted(p.name for p in outputs.iterdir()) == [
         'colour16_x4.png', 'colour_x4.png', 'gray_as_rgb_x4.png', 'gray_x4.png', 'rgba16_x4.png']
 
