@@ -270,7 +270,8 @@ def _check_network_path_keys(opt: dict) -> None:
         prefix = next((p for p in NETWORK_PATH_KEYS if key.startswith(p)), None)
         if prefix is not None and key[len(prefix):] not in networks:
             known = ', '.join(f'{prefix}{n}' for n in networks)
-            raise InputError(f'path.{key}: the file has no network_{key[len(prefix):]} (its keys of this kind: {known})')
+            raise InputError(f'path.{key}: the file has no network_{key[len(prefix):]} '
+                             f'(its keys of this kind: {known})')
     if not opt['is_train'] and 'g' in networks and not opt['path'].get('pretrain_network_g'):
         raise InputError(f'{opt["opt_file"]}: path.pretrain_network_g is missing; a test run needs the weights to '
                          'evaluate')

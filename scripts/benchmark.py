@@ -306,13 +306,18 @@ def report_markdown(results: Dict[str, object]) -> str:
     machine = results['machine']
     where = machine.get('gpu') or f'CPU ({machine["threads"]} threads)'
     labels = list(next(iter(results['models'].values()))['inputs'])
+    # FLOPs and activations are counted at one size (--flops-size), which need not be a timed one.
+    counted_at = next((entry['stats']['flops_size'] for entry in results['models'].values()
+                       if 'flops_size' in entry.get('stats', {})), None)
+    at = f', at {counted_at}' if counted_at else ''
     lines = [f'Device: {where}; torch {machine["torch"]}, triton {machine.get("triton")}; precision '
              f'{results["precision"]}; channels_last {results["channels_last"]}; cuDNN benchmark '
              f'{results.get("cudnn_benchmark", False)}; CUDA graph {results["cuda_graph"]}; '
              f'Triton launches {results.get("triton_launch", "jit")}; median of {results["repeats"]} '
              f'runs after {results["warmup"]} warm-up runs, forward only, batch 1.', '',
              '| model | params | ' + ' | '.join(f'{label} ms (x RLFN)' for label in labels)
-             + ' | peak MiB (' + labels[min(1, len(labels) - 1)] + ') | FLOPs fvcore / full (G) | activations (M) |',
+             + ' | peak MiB (' + labels[min(1, len(labels) - 1)] + f') | FLOPs fvcore / full (G{at}) | activations '
+             f'(M{at}) |',
              '|---|---|' + '---|' * len(labels) + '---|---|---|']
     for name, entry in results['models'].items():
         cells = [f'{entry["inputs"][label]["median_ms"]:.2f} ({entry["ratio_to_rlfn"][label]:.2f}x)'

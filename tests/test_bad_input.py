@@ -274,7 +274,8 @@ def test_keys_basicsr_would_miss_only_later(tmp_path, monkeypatch, data, experim
     opt['val']['metrics']['psnr']['crop_boder'] = opt['val']['metrics']['psnr'].pop('crop_border')
     assert problem(tmp_path, monkeypatch, opt) == 'val.metrics.psnr.crop_border is missing (calculate_psnr needs it)'
     opt['val']['metrics']['psnr'] = {'type': 'calculate_psnrr', 'crop_border': 4}
-    assert problem(tmp_path, monkeypatch, opt) == "val.metrics.psnr.type: no metric named 'calculate_psnrr' is registered"
+    assert problem(tmp_path, monkeypatch, opt) == (
+        "val.metrics.psnr.type: no metric named 'calculate_psnrr' is registered")
 
 
 def test_force_yml_number_written_as_string(tmp_path, monkeypatch, data, experiment):
