@@ -192,7 +192,7 @@ def model_case():
     result = {'auto_on_cpu': resolve_backend('auto', 'cpu'),
               'triton_unavailable_reason': scan_triton.why_unavailable(torch.device('cpu'))}
     # Two ViMMs in the RSSB: inference frees the second one's input (see ``release_storage``). E = 18
-    # leaves room for x_proj's rows in in_proj's x half under fp16 autocast too (16 columns there).
+    # leaves room for x_proj's rows in in_proj's x plane under fp16 autocast too (16 columns there).
     kw = dict(upscale=2, embed_dim=6, depths=(2,), d_state=4, expand=3, drop_path_rate=0.0, dt_init='mamba')
     reference = DVMSR(**kw, scan_backend='ref').double()
     fused = DVMSR(**kw, scan_backend='triton')

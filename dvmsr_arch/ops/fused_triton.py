@@ -29,8 +29,7 @@ LN_LINEAR_WARPS = 8
 CONV_BLOCK_L = 16
 CONV_BLOCK_E = 128
 # conv1d's backward kernels: short blocks of tokens across all the channels. In a training step the
-# first of them took 218 us a call at 16 x 128 against 310 us at the forward's 64 x 32
-# (docs/performance.md, 13e).
+# first of them took 218 us a call at 16 x 128 against 310 us at 64 x 32 (docs/performance.md, 13e).
 CONV_BWD_BLOCK_L = 16
 CONV_BWD_BLOCK_E = 128
 CONV_BWD_WARPS = 4
@@ -47,7 +46,7 @@ def low_memory_inference(enabled: bool = True) -> Iterator[None]:
     x half, runs conv1d on it and frees it before it computes the z half, so that it never holds x,
     z and conv1d's output at once. The price is in_proj's LayerNorm twice and two kernels instead of
     one. Measured on an H100 at LR 339x510 (docs/usage.md): peak memory 318 MiB instead of 372,
-    about 3% more GPU time. Training and other backends are unaffected."""
+    about 4% more GPU time. Training and other backends are unaffected."""
     global _low_memory
     saved, _low_memory = _low_memory, enabled
     try:
