@@ -6,7 +6,9 @@
 The layout is BasicSR's: ``data.mdb`` and ``lock.mdb`` hold each image PNG-encoded under its file
 name without the extension, and ``meta_info.txt`` has one line per image,
 ``<key>.png (<h>,<w>,<c>) <compress_level>``. Images are encoded by worker processes and written in
-file-name order as they come, so memory stays flat however large the folder.
+file-name order as they come, so memory stays flat however large the folder. The LMDB is built in a
+temporary folder next to --output and renamed to it once complete: an unreadable image, met only
+when its turn comes, leaves no half-made LMDB and does not touch the one --overwrite would replace.
 """
 import argparse
 import os
