@@ -177,7 +177,8 @@ def test_files_share_one_shape_and_the_papers_schedule():
     for metric in ('psnr', 'ssim'):  # paper 4.1: Y channel, 4-pixel border
         assert reference[f'val.metrics.{metric}.test_y_channel'] is True
         assert reference[f'val.metrics.{metric}.crop_border'] == 4
-    # Paper 4.4.1: the ablations train on DIV2K; only relative paths under datasets/.
+    # Paper 4.4.1: the ablations train on DIV2K (4.4.2 and 4.4.3 name no data set); only relative paths
+    # under datasets/.
     for relative in files:
         paths = [v for k, v in flat[relative].items() if k.startswith('datasets.') and 'dataroot' in k]
         assert all(p.startswith('datasets/') for p in paths), relative

@@ -45,7 +45,7 @@ def low_memory_inference(enabled: bool = True) -> Iterator[None]:
     """Inside this context, DVMSR's Triton inference path stores less: each ViMM computes in_proj's
     x half, runs conv1d on it and frees it before it computes the z half, so that it never holds x,
     z and conv1d's output at once. The price is in_proj's LayerNorm twice and two kernels instead of
-    one. Measured on an H100 at LR 339x510 (docs/usage.md): peak memory 318 MiB instead of 372,
+    one. Measured on an H100 at LR 339x510 (docs/usage.md): peak memory 319 MiB instead of 372,
     about 4% more GPU time. Training and other backends are unaffected."""
     global _low_memory
     saved, _low_memory = _low_memory, enabled

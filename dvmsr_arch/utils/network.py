@@ -3,7 +3,7 @@
 Networks in the registry do not agree on the range of their input: DVMSR and BasicSR's own networks
 take RGB in [0, 1], RLFN (as released for NTIRE) takes [0, 255]. :data:`INPUT_RANGES` names the
 exceptions by architecture; :class:`RangeAdapter` wraps any of them so that the scripts always feed
-[0, 1] and get [0, 1] back. ``--input-range`` overrides the table for a network it does not know.
+[0, 1] and get [0, 1] back. ``--input-range`` overrides the table, for any network.
 """
 import argparse
 from pathlib import Path
