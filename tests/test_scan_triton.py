@@ -150,8 +150,8 @@ def fused_case():
         with poisoned_empty():
             result[name] = max_rel(layer_norm_linear_tokens(x, norm_w, norm_b, 1e-5, weight), ref)
     # The same as x and z planes, as inference runs it: 149 rows of 120 outputs leave the first plane
-    # short of a whole 128-byte block, so the second one starts after padding; past
-    # LN_LINEAR_MAX_CHANNELS, and without a LayerNorm (cuBLAS into each plane).
+    # short of a whole 128-byte block, so the second one starts after padding, each plane contiguous;
+    # past LN_LINEAR_MAX_CHANNELS, and without a LayerNorm, views of one cuBLAS matmul's rows.
     for name, channels, x, norm in (('ln_linear_60_planes', 60, torch.randn(1, 149, 60), True),
                                     ('ln_linear_192_planes', 192, torch.randn(1, 70, 192), True),
                                     ('linear_60_planes', 60, torch.randn(1, 149, 60), False)):
@@ -162,7 +162,8 @@ def fused_case():
         with poisoned_empty():
             planes = layer_norm_linear_tokens(x, norm_w, norm_b, 1e-5, weight, planes=2)
         apart = planes[1].data_ptr() - planes[0].data_ptr()
-        laid_out = planes[0].is_contiguous() and planes[1].is_contiguous() and apart % 128 == 0
+        fused = name == 'ln_linear_60_planes'
+        laid_out = not fused or (planes[0].is_contiguous() and planes[1].is_contiguous() and apart % 128 == 0)
         result[name] = max_rel(planes, ref) if laid_out else float('inf')
 
     # A convolution's output as tokens (channels-last, 70 pixels: a partial row block) += bias + a
@@ -229,6 +230,14 @@ def model_case():
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16), poisoned_empty():
         result['fp16_autocast_forward'] = max_rel(fused(x), ref.detach())
     result.update(released_input_case(fused, reference))
+    # Past LN_LINEAR_MAX_CHANNELS (72 channels, as the teacher's 192): in_proj's x and z are views of
+    # one cuBLAS matmul's rows, conv1d reads the strided x and x_proj's rows get a buffer of their own.
+    wide = dict(kw, embed_dim=72, depths=(1,), expand=2)
+    wide_reference = DVMSR(**wide, scan_backend='ref').double()
+    wide_fused = DVMSR(**wide, scan_backend='triton')
+    wide_fused.load_state_dict(wide_reference.state_dict())
+    with torch.no_grad(), poisoned_empty():
+        result['wide_no_grad_forward'] = max_rel(wide_fused(x), wide_reference(x.double()))
     return result
 
 
@@ -372,6 +381,7 @@ def test_network_on_triton_path_matches_ref_network(interpreted):
     assert result['triton_unavailable_reason'] is None
     assert result['auto_on_cpu'] == 'torch'
     assert result['forward'] < TOL and result['no_grad_forward'] < TOL and result['low_memory_forward'] < TOL
+    assert result['wide_no_grad_forward'] < TOL
     # The RSSB's convolution, conv_after_body and the upsampler's, all from 6 channels padded to 8.
     assert result['no_grad_conv_input_channels'] == [8, 8, 8]
     assert max(result['grads'].values()) < 1e-4, result['grads']

@@ -240,7 +240,7 @@ class MambaMixer(nn.Module):
                     release_storage(tokens)
                 x = causal_conv1d_silu_tokens(x_plane, self.conv1d.weight, self.conv1d.bias)
                 # conv1d has read the x plane, which z's view keeps allocated until the scan is
-                # done: x_proj's rows go there instead of into a buffer of their own.
+                # done: x_proj's rows go there, if it is contiguous, instead of into a buffer of their own.
                 rows_into = x_plane
                 del x_plane
         else:
@@ -318,7 +318,8 @@ class MambaMixer(nn.Module):
     def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm], half: Optional[int] = None,
                            out_dtype: Optional[torch.dtype] = None, planes: int = 1) -> Tensor:
         """in_proj(norm(tokens)) without autograd, (B, L, 2E); with ``planes=2`` as (2, B, L, E), the x
-        plane then the z plane, each contiguous; with ``half`` 0 or 1 only its x or z half (B, L, E).
+        plane then the z plane (each contiguous from the fused kernel, see ``layer_norm_linear_tokens``);
+        with ``half`` 0 or 1 only its x or z half (B, L, E).
         LayerNorm runs inside in_proj's kernel, which stores its output in ``out_dtype`` (default:
         the dtype of ``tokens``; under autocast, the autocast dtype, as ``self.in_proj`` alone would
         give).

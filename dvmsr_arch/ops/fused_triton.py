@@ -119,30 +119,29 @@ def layer_norm_linear_tokens(x: Tensor, norm_weight: Optional[Tensor], norm_bias
     x (batch, L, C) any strides; weight (OUT, C). The matmul uses TF32 when
     ``torch.backends.cuda.matmul.allow_tf32`` allows it, as ``F.linear`` would. Returns a contiguous
     (batch, L, OUT) tensor of x's dtype (or ``out_dtype``); with ``planes`` = P > 1, a (P, batch, L,
-    OUT / P) tensor whose planes are each contiguous, the p-th holding outputs p * OUT / P onwards (Mamba's
-    x and z halves apart). Rows wider than ``LN_LINEAR_MAX_CHANNELS``, or no ``norm_weight`` (no
-    LayerNorm), take :func:`layer_norm_tokens` and cuBLAS instead.
+    OUT / P) tensor whose p-th plane holds outputs p * OUT / P onwards (Mamba's x and z halves apart).
+    From the fused kernel each plane is contiguous. Rows wider than ``LN_LINEAR_MAX_CHANNELS``, or no
+    ``norm_weight`` (no LayerNorm), take :func:`layer_norm_tokens` and one cuBLAS matmul instead, whose
+    planes are then views of its rows: one matmul per plane made the teacher's forward slower.
     """
     batch, length, channels = x.shape
     rows = batch * length
     width = weight.shape[0] // planes
     dtype = out_dtype or x.dtype
+    if norm_weight is None or channels > LN_LINEAR_MAX_CHANNELS:
+        normalised = x if norm_weight is None else layer_norm_tokens(x, norm_weight, norm_bias, eps)
+        y = torch.mm(normalised.reshape(rows, channels).to(dtype), weight.to(dtype).t())
+        return y.view(batch, length, planes, width).permute(2, 0, 1, 3) if planes > 1 else y.view(batch, length, -1)
     # Each plane starts on 128 bytes, so that the kernel may store whole vectors to every plane.
     plane_stride = _cdiv(rows * width, 32) * 32 if planes > 1 else rows * width
     storage = torch.empty(planes * plane_stride, device=x.device, dtype=dtype)
     y = storage.as_strided((planes, batch, length, width), (plane_stride, length * width, width, 1))
-    if norm_weight is None or channels > LN_LINEAR_MAX_CHANNELS:
-        normalised = x if norm_weight is None else layer_norm_tokens(x, norm_weight, norm_bias, eps)
-        normalised = normalised.reshape(rows, channels).to(dtype)
-        for plane, plane_weight in zip(y, weight.to(dtype).split(width)):
-            torch.mm(normalised, plane_weight.t(), out=plane.view(rows, width))
-    else:
-        # WIDTH is a constexpr: the compiler then knows where y's rows start and stores whole vectors
-        # for any width (as a run-time argument only for multiples of 16, and Mamba's halves are 120 wide).
-        launch(_kernels()._layer_norm_linear_fwd, (_cdiv(rows, LN_LINEAR_BLOCK_ROWS),),
-            x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, *x.stride(), eps, plane_stride,
-            WIDTH=width, PLANES=planes, BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)),
-            BLOCK_O=LN_LINEAR_BLOCK_OUT, TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=LN_LINEAR_WARPS)
+    # WIDTH is a constexpr: the compiler then knows where y's rows start and stores whole vectors for
+    # any width (as a run-time argument only for multiples of 16, and Mamba's halves are 120 wide).
+    launch(_kernels()._layer_norm_linear_fwd, (_cdiv(rows, LN_LINEAR_BLOCK_ROWS),),
+        x, norm_weight, norm_bias, weight.contiguous(), y, rows, length, channels, *x.stride(), eps, plane_stride,
+        WIDTH=width, PLANES=planes, BLOCK_R=LN_LINEAR_BLOCK_ROWS, BLOCK_C=max(16, _pow2(channels)),
+        BLOCK_O=LN_LINEAR_BLOCK_OUT, TF32=bool(torch.backends.cuda.matmul.allow_tf32), num_warps=LN_LINEAR_WARPS)
     return y[0] if planes == 1 else y
 
 
