@@ -289,11 +289,11 @@ def _check_metrics(opt: dict) -> None:
             raise InputError(f'{where}.type is missing')
         if metric['type'] not in METRIC_REGISTRY:
             raise InputError(f'{where}.type: no metric named {metric["type"]!r} is registered')
-        parameters = list(inspect.signature(METRIC_REGISTRY.get(metric['type'])).parameters.values())[2:]
-        for parameter in parameters:  # after the two images
+        for parameter in inspect.signature(METRIC_REGISTRY.get(metric['type'])).parameters.values():
+            # BasicSR's models pass the images as img and img2, and the rest from these options.
             required = parameter.default is inspect.Parameter.empty and parameter.kind in (
                 inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-            if required and parameter.name not in metric:
+            if required and parameter.name not in metric and parameter.name not in ('img', 'img2'):
                 raise InputError(f'{where}.{parameter.name} is missing ({metric["type"]} needs it)')
 
 
