@@ -16,7 +16,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
 from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_tokens, layer_norm_linear_tokens,
                                         layer_norm_tokens, low_memory_enabled, pixel_shuffle_image)
-from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
+from dvmsr_arch.ops.projections import linear_halves
+from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton, selective_scan_projected_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -218,7 +219,6 @@ class MambaMixer(nn.Module):
         scan (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
         """
         no_grad = not torch.is_grad_enabled()
-        inner = self.in_proj.out_features // 2
         rows_into = None
         if no_grad:
             # Under autocast, inference keeps the fused kernels and stores their activations in the
@@ -244,22 +244,26 @@ class MambaMixer(nn.Module):
                 rows_into = x_plane
                 del x_plane
         else:
-            # Two matmuls instead of one and two slices: the gradient of a slice is a zero-filled
-            # (B, L, 2E) tensor with the slice copied in, twice per ViMM, then added.
             if norm is not None:
                 tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
-            x_raw, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.split(inner))
+            x_raw, z = linear_halves(tokens, self.in_proj.weight)
             x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
             del x_raw
-        u = x.transpose(1, 2)
-        dt, B, C = self._x_proj_rows(x, rows_into)
-        del rows_into
         dt_weight, A = self._scan_weights(no_grad)
-        # Without autograd the scan writes y over u (each lane reads u_t before it stores y_t): no
-        # (B, L, E) buffer more.
-        y = selective_scan_lowrank_triton(u, dt, dt_weight, A, B, C, self.D, z.transpose(1, 2), self.dt_proj.bias,
-                                          delta_softplus=True, out=u if no_grad else None)
-        del z, dt, B, C  # before out_proj allocates its output
+        if no_grad:
+            u = x.transpose(1, 2)
+            dt, B, C = self._x_proj_rows(x, rows_into)
+            del rows_into
+            # The scan writes y over u (each lane reads u_t before it stores y_t): no (B, L, E) buffer more.
+            y = selective_scan_lowrank_triton(u, dt, dt_weight, A, B, C, self.D, z.transpose(1, 2),
+                                              self.dt_proj.bias, delta_softplus=True, out=u)
+            del dt, B, C
+        else:
+            # x_proj inside the scan's autograd Function, whose backward adds x_proj's share of x's
+            # gradient into the scan's own.
+            y = selective_scan_projected_triton(x, self.x_proj.weight, dt_weight, A, self.D, z.transpose(1, 2),
+                                                self.dt_proj.bias, delta_softplus=True)
+        del z  # before out_proj allocates its output
         return self._out_proj(y.transpose(1, 2), out_width)
 
     def _scan_weights(self, no_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -280,17 +284,17 @@ class MambaMixer(nn.Module):
         return F.linear(y, zero_padded(weight, (out_width, weight.shape[1])))
 
     def _x_proj_rows(self, x: Tensor, into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """x_proj(x) split into (dt, B, C) as the scan takes them: (B, R, L) and (B, N, L) views of
-        token-major rows.
+        """x_proj(x) split into (dt, B, C) as the inference scan takes them: (B, R, L) and (B, N, L)
+        views of token-major rows (training runs x_proj inside the scan's autograd Function).
 
         fp32 rows [dt, B, C] start B and C on 16 bytes when R and N are multiples of 4, so the scan
-        reads them with vector loads. For 2-byte activations in inference (autocast) dt is padded
-        with zero columns to a multiple of 8, which keeps that alignment. ``into`` (inference only):
-        a spent contiguous tensor of x's dtype whose memory takes the rows, one after another, in
-        place of a new buffer, if it is large enough.
+        reads them with vector loads. For 2-byte activations (autocast) dt is padded with zero
+        columns to a multiple of 8, which keeps that alignment. ``into``: a spent contiguous tensor
+        of x's dtype whose memory takes the rows, one after another, in place of a new buffer, if it
+        is large enough.
         """
         rank, state = self.dt_rank, self.d_state
-        pad = -rank % 8 if x.element_size() == 2 and not torch.is_grad_enabled() else 0
+        pad = -rank % 8 if x.element_size() == 2 else 0
         width = rank + pad + 2 * state
         tokens = x.numel() // x.shape[-1]
         if into is not None and not (into.is_contiguous() and into.dtype == x.dtype and into.numel() >= tokens * width):

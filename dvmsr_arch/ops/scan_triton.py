@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .launch import launch
@@ -283,8 +284,11 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
 
 def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor,
                    C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
-                   states: Tensor):
-    """Gradients (fp32) of u, delta (the raw pre-bias delta, or dt and dt_weight), A, B, C, D, z, bias."""
+                   states: Tensor, d_rows: Optional[Tensor] = None):
+    """Gradients (fp32) of u, delta (the raw pre-bias delta, or dt and dt_weight), A, B, C, D, z, bias.
+
+    With dt_weight, the gradients of dt, B and C are views of one token-major (batch, L, R + 2N)
+    buffer, [dt, B, C] per token as x_proj makes them: ``d_rows`` if given, else a new one."""
     k = _kernels()
     cfg = BACKWARD_CONFIG
     if cfg.sequential and cfg.tile % 4:
@@ -324,32 +328,38 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     # Token-major (batch, L, E) buffers seen as (batch, E, L).
     du, ddelta, dz = (torch.empty(batch, length, inner, **f32).transpose(1, 2) for _ in range(3))
     # One channel per lane and 16 states: each warp sums dB and dC over its own channels with
-    # warp shuffles and writes its own partial slice.
+    # warp shuffles and writes its own partial slice. A slice holds [dB, dC] rows, so that one
+    # reduction sums them into x_proj's row layout.
     warp_sums = cfg.sequential and _pow2(state) == 16 and cfg.block_e == 32 * cfg.num_warps
     grads_extra = dict(lane_extra, WARP_SUMS=warp_sums) if cfg.sequential else {}
-    dB_part, dC_part = (torch.empty(n_eblk * (cfg.num_warps if warp_sums else 1), batch, length, state, **f32)
-                        for _ in range(2))
+    slices = n_eblk * (cfg.num_warps if warp_sums else 1)
+    dBC_part = torch.empty(slices, batch * length, 2 * state, **f32)
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
     dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
     grads = k._bwd_chunk_grads_lanes if cfg.sequential else k._bwd_chunk_grads
     launch(grads, grid, u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
-           ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, length, inner, state, batch, n_chunks, n_tiles,
-           cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_or_u.stride(),
-           *dy.stride(), *du.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes,
-           **grads_extra, **_register_cap(cfg.output_registers))
-    dB = dB_part.sum(0).transpose(1, 2)
-    dC = dC_part.sum(0).transpose(1, 2)
+           ddelta, dz, dBC_part, dBC_part[..., state:], dA_part, dD_part, dbias_part, length, inner, state, 2 * state,
+           batch, n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
+           *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None, HAS_Z=z is not None,
+           HAS_CARRY=n_chunks > 1, **shapes, **grads_extra, **_register_cap(cfg.output_registers))
     dA = dA_part.sum((0, 1)).t()
     dD = dD_part.sum((0, 1)) if D is not None else None
     dbias = dbias_part.sum((0, 1)) if delta_bias is not None else None
+    dz = dz if z is not None else None
     if dt_weight is None:
-        return du, ddelta, None, dA, dB, dC, dD, (dz if z is not None else None), dbias
-    # delta_raw = dt^T W^T per token: (batch, L, E) = (batch, L, R) @ (R, E).
-    dd_tokens = ddelta.transpose(1, 2)
-    dt_tokens = delta.transpose(1, 2).float()
-    d_dt = (dd_tokens @ dt_weight.float()).transpose(1, 2)
-    d_weight = dd_tokens.reshape(-1, inner).t() @ dt_tokens.reshape(-1, rank)
-    return du, d_dt, d_weight, dA, dB, dC, dD, (dz if z is not None else None), dbias
+        dB, dC = dBC_part.sum(0).view(batch, length, 2 * state).transpose(1, 2).split(state, 1)
+        return du, ddelta, None, dA, dB, dC, dD, dz, dbias
+    width = rank + 2 * state
+    if d_rows is None:
+        d_rows = torch.empty(batch, length, width, **f32)
+    flat_rows = d_rows.view(batch * length, width)
+    torch.sum(dBC_part, 0, out=flat_rows[:, rank:])
+    # delta_raw = dt^T W^T per token: d_dt = ddelta W goes into the rows, dW = ddelta^T dt.
+    dd_tokens = ddelta.transpose(1, 2).reshape(batch * length, inner)
+    torch.mm(dd_tokens, dt_weight.float(), out=flat_rows[:, :rank])
+    d_weight = dd_tokens.t() @ delta.transpose(1, 2).float().reshape(batch * length, rank)
+    d_dt, dB, dC = d_rows.transpose(1, 2).split([rank, state, state], 1)
+    return du, d_dt, d_weight, dA, dB, dC, dD, dz, dbias
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -369,6 +379,41 @@ class _SelectiveScan(torch.autograd.Function):
         out = [None if g is None or not need else g.to(x.dtype)
                for g, x, need in zip(grads, inputs, ctx.needs_input_grad)]
         return (*out, None)
+
+
+class _ProjectedScan(torch.autograd.Function):
+    """The scan of u = x with [dt, B, C] = x_proj(x), for training (see
+    :func:`selective_scan_projected_triton`)."""
+
+    @staticmethod
+    def forward(ctx, x, proj_weight, dt_weight, A, D, z, delta_bias, softplus):
+        rank, state = dt_weight.shape[1], A.shape[1]
+        rows = F.linear(x, proj_weight)  # under autocast in its dtype, as the x_proj module would be
+        dt, B, C = rows.transpose(1, 2).split([rank, state, state], 1)
+        y, states = _scan_forward(x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, softplus, None,
+                                  save_states=True)
+        ctx.softplus = softplus
+        ctx.save_for_backward(x, proj_weight, rows, dt_weight, A, D, z, delta_bias, states)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, proj_weight, rows, dt_weight, A, D, z, delta_bias, states = ctx.saved_tensors
+        batch, length, inner = x.shape
+        rank, state = dt_weight.shape[1], A.shape[1]
+        dt, B, C = rows.transpose(1, 2).split([rank, state, state], 1)
+        d_rows = torch.empty(batch * length, rank + 2 * state, device=x.device, dtype=torch.float32)
+        du, _, d_weight, dA, _, _, dD, dz, dbias = _scan_backward(
+            dy, x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, ctx.softplus, states,
+            d_rows.view(batch, length, -1))
+        # u's gradient is a token-major buffer: x_proj's share goes into it in the same matmul.
+        dx = du.transpose(1, 2).reshape(batch * length, inner)
+        dx.addmm_(d_rows, proj_weight.float())
+        d_proj = d_rows.t() @ x.reshape(batch * length, inner).float()
+        grads = (dx.view(batch, length, inner), d_proj, d_weight, dA, dD, dz, dbias)
+        inputs = (x, proj_weight, dt_weight, A, D, z, delta_bias)
+        return (*[None if g is None or not need else g.to(t.dtype)
+                  for g, t, need in zip(grads, inputs, ctx.needs_input_grad)], None)
 
 
 def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out):
@@ -402,3 +447,26 @@ def selective_scan_lowrank_triton(u: Tensor, dt: Tensor, dt_weight: Tensor, A: T
     itself (each z_t and u_t is read before y_t is written over it).
     """
     return _run(u, dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, out)
+
+
+def selective_scan_projected_triton(x: Tensor, proj_weight: Tensor, dt_weight: Tensor, A: Tensor,
+                                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False) -> Tensor:
+    """The low-rank scan of u = x (token-major (batch, L, E)) with dt, B and C from Mamba's x_proj:
+    [dt, B, C] = x @ proj_weight^T (proj_weight (R + 2N, E)). Returns y (batch, E, L).
+
+    For training: x feeds both the scan and x_proj, so autograd would sum its two (batch, L, E)
+    gradients in a pass of its own, and join the gradients of dt, B and C into x_proj's rows by a
+    copy. Here x_proj's share of x's gradient goes into the scan's u gradient by one addmm, and the
+    backward kernels' dt, B and C gradients land in those rows directly.
+    """
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        torch.cuda.set_device(x.device)
+    A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)
+    tensors = (x, proj_weight, dt_weight, A, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ProjectedScan.apply(x, proj_weight, dt_weight, A, D, z, delta_bias, delta_softplus)
+    rank, state = dt_weight.shape[1], A.shape[1]
+    dt, B, C = F.linear(x, proj_weight).transpose(1, 2).split([rank, state, state], 1)
+    return _scan_forward(x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, None,
+                         save_states=False)[0]

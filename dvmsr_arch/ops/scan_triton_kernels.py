@@ -272,16 +272,16 @@ def _bwd_chunk_summary(delta_ptr, w_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, dy_ptr, 
 @triton.jit(do_not_specialize=['L', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_db', 's_Bb', 's_Cb', 's_zb', 's_gb',
                                's_xb'])
 def _bwd_chunk_grads(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, states_ptr,
-                     MU_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, L, E, N, batch,
-                     n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
-                     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, T: tl.constexpr, BLOCK_E: tl.constexpr,
+                     MU_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, L, E, N, s_part,
+                     batch, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn,
+                     s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, T: tl.constexpr, BLOCK_E: tl.constexpr,
                      BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_CARRY: tl.constexpr):
     """All gradients of one chunk, tiles last to first.
 
     du, ddelta (of the raw delta, before bias and softplus) and dz share the layout strides s_x*.
-    dB, dC: one (batch, L, N) slice per channel block, summed afterwards. dA, dD, dbias: one
-    partial sum per program, laid out (batch, n_chunks, E[, N]).
+    dB, dC: one (batch, L) slice of token rows ``s_part`` apart per channel block, summed afterwards.
+    dA, dD, dbias: one partial sum per program, laid out (batch, n_chunks, E[, N]).
     """
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
@@ -368,7 +368,7 @@ def _bwd_chunk_grads(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_p
         x_offs = pid_b * s_xb + e[None, :] * s_xe + t[:, None] * s_xl
         tl.store(du_ptr + x_offs, du, mask=te_mask)
         tl.store(ddelta_ptr + x_offs, ddelta, mask=te_mask)
-        tn_offs = (partial_base + t[:, None]) * N + n[None, :]
+        tn_offs = (partial_base + t[:, None]) * s_part + n[None, :]
         tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, :, None], 1), mask=tn_mask)
         tl.store(dC_ptr + tn_offs, tl.sum(states * gy[:, :, None], 1), mask=tn_mask)
         mu = tl.sum(tl.where((row == 0)[:, None, None], decay * lam, 0.0), 0)
@@ -849,7 +849,7 @@ def _lane_sums(a, b, lane, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
 def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, B_ptr, C_ptr, D, z_ptr, dy_ptr,
                     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
                     s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N,
-                    e, e_mask, n, n_mask, lane, A2, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                    s_part, e, e_mask, n, n_mask, lane, A2, W, bias, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                     ALIGNED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SUMS: tl.constexpr):
     """Every gradient of token ``t`` from the state before it (``h_prev``) and the adjoint handed
@@ -898,10 +898,10 @@ def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, 
         sums, which = _lane_sums(lam * (delta * u)[:, None], h * gy[:, None], lane, BLOCK_E, BLOCK_N)
         of_C = which >= BLOCK_N
         which_n = tl.where(of_C, which - BLOCK_N, which)
-        offs = (partial_base + t) * N + which_n
+        offs = (partial_base + t) * s_part + which_n
         tl.store(tl.where(of_C, dC_ptr + offs, dB_ptr + offs), sums, mask=(which_n < N) & valid)
     else:
-        tn_offs = (partial_base + t) * N + n
+        tn_offs = (partial_base + t) * s_part + n
         tl.store(dB_ptr + tn_offs, tl.sum(lam * (delta * u)[:, None], 0), mask=n_mask & valid)
         tl.store(dC_ptr + tn_offs, tl.sum(h * gy[:, None], 0), mask=n_mask & valid)
     return decay * lam, dA_acc, dD_acc, dbias_acc
@@ -912,9 +912,9 @@ def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, 
                                's_ge', 's_gl', 's_xb', 's_xe', 's_xl'])
 def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, states_ptr,
                            MU_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, L, E, N,
-                           batch, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl, s_Cb,
-                           s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, T: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
+                           s_part, batch, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
+                           s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl,
+                           T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                            HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr,
                            WARP_SUMS: tl.constexpr, PREFETCH: tl.constexpr):
@@ -997,10 +997,11 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                 mu, dA_acc, dD_acc, dbias_acc = _bwd_lane_token(
                     h_prev, mu, dA_acc, dD_acc, dbias_acc, t0 + 3 - i, u_ptr, delta_ptr, B_ptr, C_ptr, D, z_ptr, dy_ptr,
                     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn, s_Bl,
-                    s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N, e,
-                    e_mask, n, n_mask, lane, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ALIGNED,
-                    BLOCK_E, BLOCK_N, WARP_SUMS)
+                    s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl, pid_b, partial_base, L, N,
+                    s_part, e, e_mask, n, n_mask, lane, A2, W, bias, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D,
+                    HAS_Z, ALIGNED, BLOCK_E, BLOCK_N, WARP_SUMS)
     prog = pid_b * n_chunks + pid_c
     tl.store(dA_ptr + prog * E * N + ne_offs, dA_acc, mask=en_mask)
     tl.store(dD_ptr + prog * E + e, dD_acc, mask=e_mask)
     tl.store(dbias_ptr + prog * E + e, dbias_acc, mask=e_mask)
+
