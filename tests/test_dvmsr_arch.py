@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dvmsr_arch.archs.dvmsr_arch import DVMSR, zero_padded
+from dvmsr_arch.archs.dvmsr_arch import DVMSR, DropPath, zero_padded
 
 
 def count(net):
@@ -87,6 +87,31 @@ def test_vimm_residual_option_adds_the_input():
     with torch.no_grad():
         torch.testing.assert_close(residual.layers[0].residual_group.blocks[0](tokens),
                                    plain.layers[0].residual_group.blocks[0](tokens) + tokens)
+
+
+def test_drop_path_zeroes_or_rescales_whole_samples():
+    drop = DropPath(0.25).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(256, 3, 5))
+    per_sample = out.flatten(1)
+    assert torch.equal(per_sample, per_sample[:, :1].expand_as(per_sample))  # one factor per sample
+    assert set(per_sample[:, 0].tolist()) == {0.0, torch.tensor(1 / 0.75).item()}  # 1 / (1 - p) in fp32
+    assert 0.15 < (per_sample[:, 0] == 0).float().mean().item() < 0.35
+    assert drop.eval().sample_scale(out) is None and DropPath(0.0).train().sample_scale(out) is None
+
+
+def test_released_vimm_drops_its_input_per_sample():
+    """Without the Eq. 4 skip, stochastic depth scales the ViMM's input (the released model): the
+    mixer sees each sample times its factor, drawn as DropPath draws it."""
+    torch.manual_seed(0)
+    net = DVMSR(embed_dim=8, depths=[2], drop_path_rate=0.5).train()
+    vimm = net.layers[0].residual_group.blocks[1]
+    tokens = torch.randn(6, 7, 8)
+    torch.manual_seed(3)
+    scale = vimm.drop_path.sample_scale(tokens)
+    assert 0 < (scale == 0).sum() < 6  # this draw drops some samples and keeps others
+    torch.manual_seed(3)
+    torch.testing.assert_close(vimm(tokens), vimm.mixer(tokens * scale.view(-1, 1, 1), norm=vimm.norm))
 
 
 def test_initialisation():

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,7 @@ def model_case():
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16), poisoned_empty():
         result['fp16_autocast_forward'] = max_rel(fused(x), ref.detach())
     result.update(released_input_case(fused, reference))
+    result.update(drop_path_case())
     # Past LN_LINEAR_MAX_CHANNELS (72 channels, as the teacher's 192): in_proj's x and z are views of
     # one cuBLAS matmul's rows, conv1d reads the strided x and x_proj's rows get a buffer of their own.
     wide = dict(kw, embed_dim=72, depths=(1,), expand=2)
@@ -269,6 +271,45 @@ def model_case():
     with torch.no_grad(), poisoned_empty():
         result['wide_no_grad_forward'] = max_rel(wide_fused(x), wide_reference(x.double()))
     return result
+
+
+@contextmanager
+def fixed_sample_scales():
+    """Stochastic depth that keeps the even samples (times 1 / (1 - p)) and drops the odd ones, so a
+    float64 network and the network under test draw the same."""
+    from dvmsr_arch.archs.dvmsr_arch import DropPath
+    draw = DropPath.sample_scale
+
+    def sample_scale(self, x):
+        if self.p == 0.0 or not self.training:
+            return None
+        return (torch.arange(x.shape[0], device=x.device) % 2 == 0).to(x.dtype) / (1.0 - self.p)
+    DropPath.sample_scale = sample_scale
+    try:
+        yield
+    finally:
+        DropPath.sample_scale = draw
+
+
+def drop_path_case():
+    """Training with stochastic depth: the Triton path takes each sample's factor inside its
+    LayerNorm kernel, forward and backward."""
+    from dvmsr_arch.archs.dvmsr_arch import DVMSR
+    kw = dict(upscale=2, embed_dim=6, depths=(2,), d_state=4, expand=3, drop_path_rate=0.5, dt_init='mamba')
+    reference = DVMSR(**kw, scan_backend='ref').double().train()
+    fused = DVMSR(**kw, scan_backend='triton').train()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.rand(2, 3, 3, 4)
+    with fixed_sample_scales():
+        ref = reference(x.double())
+        grad = torch.randn_like(ref)
+        (ref * grad).sum().backward()
+        with poisoned_empty():
+            y = fused(x)
+            (y * grad.float()).sum().backward()
+    return {'drop_path_forward': max_rel(y.detach(), ref.detach()),
+            'drop_path_grads': {name: max_rel(p.grad, q.grad)
+                                for (name, p), q in zip(fused.named_parameters(), reference.parameters())}}
 
 
 def released_input_case(fused, reference):
@@ -444,6 +485,9 @@ def test_network_on_triton_path_matches_ref_network(interpreted):
     # The RSSB's convolution, conv_after_body and the upsampler's, all from 6 channels padded to 8.
     assert result['no_grad_conv_input_channels'] == [8, 8, 8]
     assert max(result['grads'].values()) < 1e-4, result['grads']
+    # With stochastic depth, whose factors the Triton path takes inside its LayerNorm kernel.
+    assert result['drop_path_forward'] < TOL
+    assert max(result['drop_path_grads'].values()) < 1e-4, result['drop_path_grads']
 
 
 @needs_triton
@@ -540,17 +584,18 @@ def without_kinks(net: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason='needs a CUDA GPU')
 @pytest.mark.parametrize('spec', option_file_networks())
 def test_every_option_file_network_runs_the_triton_path_on_gpu(spec):
-    """Inference (default, low-memory, fp16 autocast) and a training step's gradients of each network
-    the option files train, distil from or test, against the ``ref`` backend in float64, the Triton
-    path in true fp32. The 192-channel teacher's inference, which every distillation step and
-    validation run, once asked more shared memory of the fused LayerNorm + in_proj kernel than a GPU
-    has. The loss is MSE rather than L1, whose kink at each target pixel would be a second place
-    where rounding can flip a gradient element (see ``without_kinks``)."""
+    """Inference (default, low-memory, fp16 autocast) and a training step's gradients (with the
+    files' stochastic depth) of each network the option files train, distil from or test, against
+    the ``ref`` backend in float64, the Triton path in true fp32. The 192-channel teacher's
+    inference, which every distillation step and validation run, once asked more shared memory of
+    the fused LayerNorm + in_proj kernel than a GPU has. The loss is MSE rather than L1, whose kink
+    at each target pixel would be a second place where rounding can flip a gradient element (see
+    ``without_kinks``)."""
     from dvmsr_arch.archs.dvmsr_arch import DVMSR
     from dvmsr_arch.ops import low_memory_inference
     torch.manual_seed(0)
-    fast = without_kinks(DVMSR(**dict(spec, scan_backend='triton', drop_path_rate=0.0)).cuda())
-    reference = without_kinks(DVMSR(**dict(spec, scan_backend='ref', drop_path_rate=0.0)).cuda().double())
+    fast = without_kinks(DVMSR(**dict(spec, scan_backend='triton')).cuda())
+    reference = without_kinks(DVMSR(**dict(spec, scan_backend='ref')).cuda().double())
     reference.load_state_dict(fast.state_dict())
     x = torch.rand(2, 3, 24, 40, device='cuda', dtype=torch.float64)
     target = torch.rand(2, 3, 24 * spec['upscale'], 40 * spec['upscale'], device='cuda', dtype=torch.float64)
@@ -563,8 +608,9 @@ def test_every_option_file_network_runs_the_triton_path_on_gpu(spec):
                 low_memory = fast(x32)
             with torch.autocast('cuda', dtype=torch.float16):
                 half = fast(x32)
-        torch.nn.functional.mse_loss(fast.train()(x32), target.float()).backward()
-        torch.nn.functional.mse_loss(reference.train()(x), target).backward()
+        with fixed_sample_scales():  # the files' stochastic depth, the same samples dropped in both
+            torch.nn.functional.mse_loss(fast.train()(x32), target.float()).backward()
+            torch.nn.functional.mse_loss(reference.train()(x), target).backward()
     assert max_rel(out, ref) < 1e-4 and max_rel(low_memory, ref) < 1e-4
     assert max_rel(half.float(), ref) < 5e-3
     worst = max((max_rel(p.grad, q.grad), name)

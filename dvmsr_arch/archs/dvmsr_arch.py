@@ -129,6 +129,11 @@ def release_storage(tensor: Tensor) -> None:
         storage.resize_(0)
 
 
+def _scaled(tokens: Tensor, sample_scale: Tensor) -> Tensor:
+    """``tokens`` (B, L, C) times each sample's factor (B,)."""
+    return tokens * sample_scale.view(-1, 1, 1)
+
+
 def _may_be_kept(producer: nn.Module, consumer: nn.Module) -> bool:
     """Whether a hook may hold on to a tensor that ``producer`` hands ``consumer``: a forward hook
     of ``producer`` or its children, a forward pre-hook of ``consumer`` or its children, or a global
@@ -154,11 +159,15 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def sample_scale(self, x: Tensor) -> Optional[Tensor]:
+        """A new draw of each sample's factor (batch,): 0 or 1 / (1 - p); None when inactive."""
         if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep.div_(1.0 - self.p)  # one pass over x, not two
+            return None
+        return x.new_empty(x.shape[0]).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.sample_scale(x)
+        return x if scale is None else x * scale.view((-1,) + (1,) * (x.ndim - 1))
 
 
 def _ssm_parameters(inner: int, d_state: int, d_conv: int, dt_rank: int):
@@ -212,7 +221,7 @@ class MambaMixer(nn.Module):
         return resolve_backend(self.scan_backend, device) == 'triton'
 
     def _forward_triton(self, tokens: Tensor, norm: Optional[nn.LayerNorm], out_width: Optional[int],
-                        release_input: bool) -> Tensor:
+                        release_input: bool, sample_scale: Optional[Tensor]) -> Tensor:
         """The same computation, token-major throughout: no transposes, no delta tensor.
 
         Triton kernels for LayerNorm (inside in_proj's kernel for inference), conv1d + SiLU and the
@@ -220,6 +229,9 @@ class MambaMixer(nn.Module):
         """
         no_grad = not torch.is_grad_enabled()
         rows_into = None
+        if sample_scale is not None and (no_grad or norm is None):
+            tokens = _scaled(tokens, sample_scale)
+            sample_scale = None
         if no_grad:
             # Under autocast, inference keeps the fused kernels and stores their activations in the
             # autocast dtype (the scan state stays fp32).
@@ -245,7 +257,7 @@ class MambaMixer(nn.Module):
                 del x_plane
         else:
             if norm is not None:
-                tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps)
+                tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps, sample_scale=sample_scale)
             x_raw, z = linear_halves(tokens, self.in_proj.weight)
             x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
             del x_raw
@@ -336,16 +348,20 @@ class MambaMixer(nn.Module):
         return layer_norm_linear_tokens(tokens, *norm_args, weight, out_dtype=out_dtype, planes=planes)
 
     def forward(self, tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None,
-                release_input: bool = False) -> Tensor:
+                release_input: bool = False, sample_scale: Optional[Tensor] = None) -> Tensor:
         """Mix ``tokens`` (B, L, C), normalised by ``norm`` first if given (so that the Triton path
         can fuse the normalisation into in_proj). ``out_width``: the Triton path returns rows of that
         many columns, zero after the C (a convolution reads them, see ``CONV_CHANNEL_MULTIPLE``);
         other paths ignore it. ``release_input``: the caller's word that nothing reads ``tokens``
         after this call; Triton inference then frees their memory once in_proj has read them (see
-        ``release_storage``)."""
+        ``release_storage``). ``sample_scale`` (B,): mix ``tokens`` times each sample's factor
+        (stochastic depth's); Triton training takes it inside its LayerNorm kernel, which spares a
+        pass over the tokens forward and one backward."""
         backend = resolve_backend(self.scan_backend, tokens.device)
         if backend == 'triton' and not self.bidirectional:
-            return self._forward_triton(tokens, norm, out_width, release_input)
+            return self._forward_triton(tokens, norm, out_width, release_input, sample_scale)
+        if sample_scale is not None:
+            tokens = _scaled(tokens, sample_scale)
         if norm is not None:
             tokens = norm(tokens)
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
@@ -373,7 +389,8 @@ class ViMM(nn.Module):
         if self.residual:  # paper Eq. 4
             return x + self.drop_path(self.mixer(x, norm=self.norm))
         # The released model: no skip, stochastic depth on the block input.
-        return self.mixer(self.drop_path(x), norm=self.norm, out_width=out_width, release_input=release_input)
+        return self.mixer(x, norm=self.norm, out_width=out_width, release_input=release_input,
+                          sample_scale=self.drop_path.sample_scale(x))
 
 
 class ViMMGroup(nn.Module):

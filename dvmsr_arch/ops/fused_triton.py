@@ -65,50 +65,60 @@ def _kernels():
 
 
 def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, save_stats: bool,
-                        width: Optional[int] = None):
+                        width: Optional[int] = None, sample_scale: Optional[Tensor] = None):
     batch, length, channels = x.shape
     width = width or channels
     rows = batch * length
     y = torch.empty(batch, length, width, device=x.device, dtype=x.dtype)
     stats = [torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2)] if save_stats else [y, y]
     launch(_kernels()._layer_norm_fwd, (_cdiv(rows, LN_BLOCK_ROWS),),
-        x, weight, bias, y, stats[0], stats[1], rows, length, channels, width, *x.stride(), *y.stride(), eps,
-        BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(width), SAVE_STATS=save_stats)
+        x, sample_scale if sample_scale is not None else weight, weight, bias, y, stats[0], stats[1], rows, length,
+        channels, width, *x.stride(), *y.stride(), eps, BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(width),
+        SAVE_STATS=save_stats, HAS_SCALE=sample_scale is not None)
     return y, stats
 
 
 class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, width):
-        y, (mean, rstd) = _layer_norm_forward(x, weight, bias, eps, save_stats=True, width=width)
-        ctx.save_for_backward(x, weight, mean, rstd)
+    def forward(ctx, x, weight, bias, eps, width, sample_scale):
+        y, (mean, rstd) = _layer_norm_forward(x, weight, bias, eps, save_stats=True, width=width,
+                                              sample_scale=sample_scale)
+        ctx.save_for_backward(x, weight, mean, rstd, sample_scale)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, sample_scale = ctx.saved_tensors
         batch, length, channels = x.shape
         dy = dy[..., :channels]  # padding columns are constant zeros
         rows = batch * length
         programs = _cdiv(rows, LN_BLOCK_ROWS)
         dx = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
         dw_part, db_part = (torch.empty(programs, channels, device=x.device, dtype=torch.float32) for _ in range(2))
-        launch(_kernels()._layer_norm_bwd, (programs,), x, weight, dy, mean, rstd, dx, dw_part, db_part, rows, length,
-               channels, *x.stride(), *dy.stride(), BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(channels))
-        return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None, None
+        launch(_kernels()._layer_norm_bwd, (programs,), x, sample_scale if sample_scale is not None else weight,
+               weight, dy, mean, rstd, dx, dw_part, db_part, rows, length, channels, *x.stride(), *dy.stride(),
+               BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(channels), HAS_SCALE=sample_scale is not None)
+        return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None, None, None
 
 
-def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float, width: Optional[int] = None) -> Tensor:
+def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float, width: Optional[int] = None,
+                      sample_scale: Optional[Tensor] = None) -> Tensor:
     """LayerNorm over the last axis of (batch, L, C), any strides; returns a contiguous tensor.
 
     ``width`` > C: the rows are ``width`` wide, zero after the C normalised values.
+    ``sample_scale`` (batch,): LayerNorm of x times each sample's factor (stochastic depth's), taken
+    in the kernel rather than in a pass of its own over x, forward and backward; no gradient for it.
     """
     if width is not None and width < x.shape[-1]:
         raise ValueError(f'layer_norm_tokens: width={width} is less than the {x.shape[-1]} channels')
+    if sample_scale is not None:
+        sample_scale = sample_scale.detach().float().contiguous()
+        if sample_scale.shape != (x.shape[0],):
+            raise ValueError(f'layer_norm_tokens: sample_scale {tuple(sample_scale.shape)} for {x.shape[0]} samples')
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return _LayerNorm.apply(x, weight, bias, eps, width)
-    return _layer_norm_forward(x, weight, bias, eps, save_stats=False, width=width)[0]
+        return _LayerNorm.apply(x, weight, bias, eps, width, sample_scale)
+    return _layer_norm_forward(x, weight, bias, eps, save_stats=False, width=width, sample_scale=sample_scale)[0]
 
 
 def layer_norm_linear_tokens(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,

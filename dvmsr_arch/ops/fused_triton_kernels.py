@@ -24,10 +24,14 @@ def _row_block(rows, L, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps):
+def _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps, scale,
+                     HAS_SCALE: tl.constexpr):
     """LayerNorm of a block of token rows (batch index ``rb``, position ``rl``), fp32 (undefined
-    outside ``mask``), with the rows' mean and 1/std."""
+    outside ``mask``), with the rows' mean and 1/std. HAS_SCALE: each row is first multiplied by its
+    factor in ``scale``."""
     x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        x = x * scale[:, None]
     mean = tl.sum(x, 1) / C
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
@@ -76,11 +80,17 @@ def _store_times_weight(a, w_ptr, y_ptr, rows, row_mask, k, k_mask, K, WIDTH: tl
 
 
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_yb'])
-def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, OUT_C, s_xb, s_xl, s_xc, s_yb, s_yl,
-                    s_yc, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATS: tl.constexpr):
-    """y rows of OUT_C >= C columns: the normalised C, then zeros."""
+def _layer_norm_fwd(x_ptr, scale_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, OUT_C, s_xb, s_xl, s_xc,
+                    s_yb, s_yl, s_yc, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATS: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+    """y rows of OUT_C >= C columns: the normalised C, then zeros. HAS_SCALE: x's rows are first
+    multiplied by their sample's factor ``scale`` (batch,)."""
     r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
-    y, mean, rstd = _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rb, mask=r_mask, other=0.0).to(tl.float32)
+    y, mean, rstd = _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps, scale,
+                                     HAS_SCALE)
     tl.store(y_ptr + (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc,
              tl.where(c_mask[None, :], y, 0.0).to(y_ptr.dtype.element_ty), mask=r_mask[:, None] & (c < OUT_C)[None, :])
     if SAVE_STATS:
@@ -89,12 +99,19 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, L, C, 
 
 
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb', 's_gb'])
-def _layer_norm_bwd(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, rows, L, C, s_xb, s_xl, s_xc,
-                    s_gb, s_gl, s_gc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx (rows, C) contiguous; dw, db: one partial row per program."""
+def _layer_norm_bwd(x_ptr, scale_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, rows, L, C, s_xb,
+                    s_xl, s_xc, s_gb, s_gl, s_gc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+    """dx (rows, C) contiguous; dw, db: one partial row per program. HAS_SCALE: as ``_layer_norm_fwd``,
+    dx is the gradient of the unscaled x."""
     pid = tl.program_id(0)
     r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rb, mask=r_mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        x = x * scale[:, None]
     dy = tl.load(dy_ptr + (rb * s_gb + rl * s_gl)[:, None] + c[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
     rstd = tl.load(rstd_ptr + r, mask=r_mask, other=0.0)
@@ -102,6 +119,8 @@ def _layer_norm_bwd(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     wdy = dy * w[None, :]
     dx = (wdy - xhat * (tl.sum(xhat * wdy, 1) / C)[:, None] - (tl.sum(wdy, 1) / C)[:, None]) * rstd[:, None]
+    if HAS_SCALE:
+        dx = dx * scale[:, None]
     tl.store(dx_ptr + r.to(tl.int64)[:, None] * C + c[None, :], dx, mask=mask)
     tl.store(dw_ptr + pid * C + c, tl.sum(dy * xhat, 0), mask=c_mask)
     tl.store(db_ptr + pid * C + c, tl.sum(dy, 0), mask=c_mask)
@@ -175,7 +194,7 @@ def _layer_norm_linear_fwd(x_ptr, nw_ptr, nb_ptr, w_ptr, y_ptr, rows, L, C, s_xb
     contiguous, ``plane_stride`` elements apart (see ``_store_times_weight``). C fits one block.
     """
     r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
-    xn, _, _ = _normalised_rows(x_ptr, nw_ptr, nb_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps)
+    xn, _, _ = _normalised_rows(x_ptr, nw_ptr, nb_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps, 1.0, False)
     xn = tl.where(mask, xn, 0.0)  # padded columns and rows must add nothing to the matmul
     _store_times_weight(xn, w_ptr, y_ptr, r.to(tl.int64), r_mask, c, c_mask, C, WIDTH, plane_stride, PLANES, BLOCK_O,
                         TF32)
