@@ -144,9 +144,12 @@ class _FusedMixerKernel(torch.autograd.Function):
 def _fused_mixer_forward(mixer: MambaMixer):
 
     def forward(tokens: Tensor, norm: Optional[nn.LayerNorm] = None, out_width: Optional[int] = None,
-                release_input: bool = False) -> Tensor:
+                release_input: bool = False, sample_scale: Optional[Tensor] = None) -> Tensor:
         # out_width (padded rows for a convolution on the Triton path) and release_input (the
-        # Triton path freeing a spent input) do not change a count.
+        # Triton path freeing a spent input) do not change a count; sample_scale (stochastic
+        # depth) is None in eval mode, where the counts are taken.
+        if sample_scale is not None:
+            tokens = tokens * sample_scale.view(-1, 1, 1)
         xz = mixer.in_proj(norm(tokens) if norm is not None else tokens)
         if mixer.bidirectional:  # Vision Mamba: two fused scans, then out_proj in plain PyTorch
             return mixer.out_proj(_FusedMixerKernel.apply(xz, mixer.out_proj.in_features))
