@@ -218,6 +218,24 @@ def fused_case():
     return result
 
 
+def network_against_float64(kw, x):
+    """A DVMSR(**kw) on the ``ref`` backend in float64 and one on the Triton path with its weights,
+    both in training mode, each run forward on ``x`` and backward from the same random gradient.
+    Returns both networks, the float64 output, the forward's error and each parameter gradient's."""
+    from dvmsr_arch.archs.dvmsr_arch import DVMSR
+    reference = DVMSR(**kw, scan_backend='ref').double()
+    fused = DVMSR(**kw, scan_backend='triton')
+    fused.load_state_dict(reference.state_dict())
+    ref = reference(x.double())
+    grad = torch.randn_like(ref)
+    (ref * grad).sum().backward()
+    with poisoned_empty():
+        y = fused(x)
+        (y * grad.float()).sum().backward()
+    grads = {name: max_rel(p.grad, q.grad) for (name, p), q in zip(fused.named_parameters(), reference.parameters())}
+    return reference, fused, ref, max_rel(y.detach(), ref.detach()), grads
+
+
 def model_case():
     from dvmsr_arch.archs.dvmsr_arch import DVMSR
     from dvmsr_arch.ops import resolve_backend, scan_triton
@@ -226,19 +244,8 @@ def model_case():
     # Two ViMMs in the RSSB: inference frees the second one's input (see ``release_storage``). E = 18
     # leaves room for x_proj's rows in in_proj's x plane under fp16 autocast too (16 columns there).
     kw = dict(upscale=2, embed_dim=6, depths=(2,), d_state=4, expand=3, drop_path_rate=0.0, dt_init='mamba')
-    reference = DVMSR(**kw, scan_backend='ref').double()
-    fused = DVMSR(**kw, scan_backend='triton')
-    fused.load_state_dict(reference.state_dict())
     x = torch.rand(1, 3, 3, 4)  # 12 tokens: two forward and two backward chunks
-    ref = reference(x.double())
-    grad = torch.randn_like(ref)
-    (ref * grad).sum().backward()
-    with poisoned_empty():
-        y = fused(x)
-        (y * grad.float()).sum().backward()
-    result['forward'] = max_rel(y.detach(), ref.detach())
-    result['grads'] = {name: max_rel(p.grad, q.grad)
-                       for (name, p), q in zip(fused.named_parameters(), reference.parameters())}
+    reference, fused, ref, result['forward'], result['grads'] = network_against_float64(kw, x)
     # The inference path: the scan writes into the in_proj buffer, and each convolution reads token
     # rows padded to 8 channels (recorded here).
     import dvmsr_arch.archs.dvmsr_arch as arch
@@ -294,22 +301,10 @@ def fixed_sample_scales():
 def drop_path_case():
     """Training with stochastic depth: the Triton path takes each sample's factor inside its
     LayerNorm kernel, forward and backward."""
-    from dvmsr_arch.archs.dvmsr_arch import DVMSR
     kw = dict(upscale=2, embed_dim=6, depths=(2,), d_state=4, expand=3, drop_path_rate=0.5, dt_init='mamba')
-    reference = DVMSR(**kw, scan_backend='ref').double().train()
-    fused = DVMSR(**kw, scan_backend='triton').train()
-    fused.load_state_dict(reference.state_dict())
-    x = torch.rand(2, 3, 3, 4)
     with fixed_sample_scales():
-        ref = reference(x.double())
-        grad = torch.randn_like(ref)
-        (ref * grad).sum().backward()
-        with poisoned_empty():
-            y = fused(x)
-            (y * grad.float()).sum().backward()
-    return {'drop_path_forward': max_rel(y.detach(), ref.detach()),
-            'drop_path_grads': {name: max_rel(p.grad, q.grad)
-                                for (name, p), q in zip(fused.named_parameters(), reference.parameters())}}
+        *_, forward, grads = network_against_float64(kw, torch.rand(2, 3, 3, 4))
+    return {'drop_path_forward': forward, 'drop_path_grads': grads}
 
 
 def released_input_case(fused, reference):
