@@ -38,7 +38,7 @@ from torch import Tensor, nn  # noqa: E402
 import dvmsr_arch  # noqa: E402,F401  (registers the networks)
 from basicsr.archs import build_network  # noqa: E402
 from basicsr.utils.options import ordered_yaml  # noqa: E402
-from dvmsr_arch.archs.dvmsr_arch import DVMSR, MambaMixer  # noqa: E402
+from dvmsr_arch.archs.dvmsr_arch import DVMSR, MambaMixer, scaled_per_sample  # noqa: E402
 
 try:
     with warnings.catch_warnings():  # fvcore 0.1.5 scripts a loss function at import time
@@ -149,7 +149,7 @@ def _fused_mixer_forward(mixer: MambaMixer):
         # Triton path freeing a spent input) do not change a count; sample_scale (stochastic
         # depth) is None in eval mode, where the counts are taken.
         if sample_scale is not None:
-            tokens = tokens * sample_scale.view(-1, 1, 1)
+            tokens = scaled_per_sample(tokens, sample_scale)
         xz = mixer.in_proj(norm(tokens) if norm is not None else tokens)
         if mixer.bidirectional:  # Vision Mamba: two fused scans, then out_proj in plain PyTorch
             return mixer.out_proj(_FusedMixerKernel.apply(xz, mixer.out_proj.in_features))

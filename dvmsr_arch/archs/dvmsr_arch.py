@@ -129,9 +129,9 @@ def release_storage(tensor: Tensor) -> None:
         storage.resize_(0)
 
 
-def _scaled(tokens: Tensor, sample_scale: Tensor) -> Tensor:
-    """``tokens`` (B, L, C) times each sample's factor (B,)."""
-    return tokens * sample_scale.view(-1, 1, 1)
+def scaled_per_sample(x: Tensor, sample_scale: Tensor) -> Tensor:
+    """``x`` (B, ...) times each sample's factor (B,)."""
+    return x * sample_scale.view((-1,) + (1,) * (x.ndim - 1))
 
 
 def _may_be_kept(producer: nn.Module, consumer: nn.Module) -> bool:
@@ -167,7 +167,7 @@ class DropPath(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.sample_scale(x)
-        return x if scale is None else x * scale.view((-1,) + (1,) * (x.ndim - 1))
+        return x if scale is None else scaled_per_sample(x, scale)
 
 
 def _ssm_parameters(inner: int, d_state: int, d_conv: int, dt_rank: int):
@@ -230,7 +230,7 @@ class MambaMixer(nn.Module):
         no_grad = not torch.is_grad_enabled()
         rows_into = None
         if sample_scale is not None and (no_grad or norm is None):
-            tokens = _scaled(tokens, sample_scale)
+            tokens = scaled_per_sample(tokens, sample_scale)
             sample_scale = None
         if no_grad:
             # Under autocast, inference keeps the fused kernels and stores their activations in the
@@ -361,7 +361,7 @@ class MambaMixer(nn.Module):
         if backend == 'triton' and not self.bidirectional:
             return self._forward_triton(tokens, norm, out_width, release_input, sample_scale)
         if sample_scale is not None:
-            tokens = _scaled(tokens, sample_scale)
+            tokens = scaled_per_sample(tokens, sample_scale)
         if norm is not None:
             tokens = norm(tokens)
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
