@@ -362,6 +362,11 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     return du, d_dt, d_weight, dA, dB, dC, dD, dz, dbias
 
 
+def _input_grads(ctx, grads, inputs) -> list:
+    """Each fp32 gradient in its input's dtype, None where autograd asked for none."""
+    return [None if g is None or not need else g.to(t.dtype) for g, t, need in zip(grads, inputs, ctx.needs_input_grad)]
+
+
 class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
@@ -375,10 +380,7 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, dy):
         u, delta, dt_weight, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         grads = _scan_backward(dy, u, delta, dt_weight, A, B, C, D, z, delta_bias, ctx.softplus, states)
-        inputs = (u, delta, dt_weight, A, B, C, D, z, delta_bias)
-        out = [None if g is None or not need else g.to(x.dtype)
-               for g, x, need in zip(grads, inputs, ctx.needs_input_grad)]
-        return (*out, None)
+        return (*_input_grads(ctx, grads, (u, delta, dt_weight, A, B, C, D, z, delta_bias)), None)
 
 
 class _ProjectedScan(torch.autograd.Function):
@@ -411,14 +413,17 @@ class _ProjectedScan(torch.autograd.Function):
         dx.addmm_(d_rows, proj_weight.float())
         d_proj = d_rows.t() @ x.reshape(batch * length, inner).float()
         grads = (dx.view(batch, length, inner), d_proj, d_weight, dA, dD, dz, dbias)
-        inputs = (x, proj_weight, dt_weight, A, D, z, delta_bias)
-        return (*[None if g is None or not need else g.to(t.dtype)
-                  for g, t, need in zip(grads, inputs, ctx.needs_input_grad)], None)
+        return (*_input_grads(ctx, grads, (x, proj_weight, dt_weight, A, D, z, delta_bias)), None)
+
+
+def _launch_on(device: torch.device) -> None:
+    # Triton launches on the current device.
+    if device.type == 'cuda' and device.index != torch.cuda.current_device():
+        torch.cuda.set_device(device)
 
 
 def _run(u, delta, dt_weight, A, B, C, D, z, delta_bias, softplus, out):
-    if u.is_cuda and u.get_device() != torch.cuda.current_device():
-        torch.cuda.set_device(u.device)  # triton launches on the current device
+    _launch_on(u.device)
     # A may come transposed, as the network keeps it: the kernels' own layout is its transpose.
     A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)
     tensors = (u, delta, dt_weight, A, B, C, D, z, delta_bias)
@@ -460,8 +465,7 @@ def selective_scan_projected_triton(x: Tensor, proj_weight: Tensor, dt_weight: T
     copy. Here x_proj's share of x's gradient goes into the scan's u gradient by one addmm, and the
     backward kernels' dt, B and C gradients land in those rows directly.
     """
-    if x.is_cuda and x.get_device() != torch.cuda.current_device():
-        torch.cuda.set_device(x.device)
+    _launch_on(x.device)
     A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)
     tensors = (x, proj_weight, dt_weight, A, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
