@@ -724,8 +724,17 @@ def _grads_against(fast: torch.nn.Module, ref: torch.nn.Module) -> Dict[str, flo
 # profile
 
 
-def run_profile(args, device: torch.device) -> Dict[str, object]:
+def device_ms(events, runs: int) -> float:
+    """Milliseconds of device work per run from profiler events: kernels, memsets and copies only.
+    The operator rows carry their kernels' time as well and would count it twice. A user annotation
+    (a ``record_function`` range, such as the optimizer's ``Optimizer.step#Adam.step``) also has a
+    device-side event, which spans the kernels inside it and the gaps between them."""
     from torch.autograd import DeviceType
+    return sum(e.time_range.elapsed_us() for e in events
+               if e.device_type == DeviceType.CUDA and not getattr(e, 'is_user_annotation', False)) / runs / 1e3
+
+
+def run_profile(args, device: torch.device) -> Dict[str, object]:
     from torch.profiler import ProfilerActivity, profile
     height, width = parse_size(args.profile_size)
     what = f'train step, batch {args.train_batch} at {args.train_size}' if args.profile_train else 'forward'
@@ -760,10 +769,7 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                                               max_name_column_width=70)
             results['tables'][key] = table
             print(table, flush=True)
-            # Device-side events only (kernels, memsets, copies): the operator rows of the table
-            # carry their kernels' time as well and would count it twice.
-            total = sum(e.time_range.elapsed_us() for e in prof.events()
-                        if e.device_type == DeviceType.CUDA) / args.profile_runs / 1e3
+            total = device_ms(prof.events(), args.profile_runs)
             results.setdefault('gpu_ms_per_train_step' if args.profile_train else 'gpu_ms_per_forward', {})[key] = total
             print(f'profile {key}: GPU kernel time {total:.3f} ms per {what}', flush=True)
             if args.memory_at_peak and device.type == 'cuda':

@@ -111,6 +111,24 @@ def test_benchmark_peak_of_allocator_trace():
     assert benchmark.peak_of_trace([], held=7) == (7, [])
 
 
+def test_benchmark_device_time_counts_kernels_not_operators_or_annotations():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    def event(device, us, annotation=False):
+        return SimpleNamespace(device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+    # Two runs: kernels of 300 and 500 us, an operator row carrying them (CPU side), and the
+    # optimizer's annotation, whose device-side span (900 us) covers kernels and gaps.
+    events = [event(DeviceType.CUDA, 300.0), event(DeviceType.CUDA, 500.0), event(DeviceType.CPU, 800.0),
+              event(DeviceType.CUDA, 900.0, annotation=True)]
+    assert benchmark.device_ms(events, runs=2) == pytest.approx(0.4)
+
+
 def test_benchmark_rejects_bad_sizes():
     proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), 'report', '--device', 'cpu',
                            '--sizes', '16by16'], capture_output=True, text=True, timeout=120)
