@@ -6,7 +6,7 @@ contiguous input, which costs a transpose and a padded copy per call. These kern
 (batch, L, C) directly. CUDA only (or the CPU under ``TRITON_INTERPRET=1``), like the scan kernels.
 """
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -14,7 +14,12 @@ from torch import Tensor
 from .launch import launch
 from .scan_triton import _cdiv, _pow2
 
-LN_BLOCK_ROWS = 32
+# LayerNorm alone (training, and outside the mixers): rows a program and warps. Rows up to 64 wide
+# (the student's) take 8 rows and one warp: in a training step on an H100 the backward took 68 us a
+# call against 109 us at 32 rows and 4 warps, the forward 61 against 82 us (docs/performance.md, 18d).
+# Wider rows (the teacher's) keep 32 rows and 4 warps, not measured against others.
+LN_BLOCK_ROWS, LN_WARPS = 8, 1
+LN_WIDE_BLOCK_ROWS, LN_WIDE_WARPS = 32, 4
 LN_LINEAR_BLOCK_ROWS = 128
 # LayerNorm + Linear in one kernel pays for narrow rows only (the student's 60 channels). At the
 # teacher's 192 it took 1.9-6.4 ms a call over its block shapes against 0.95-1.0 ms for the two apart
@@ -64,6 +69,10 @@ def _kernels():
     return fused_triton_kernels
 
 
+def _layer_norm_shape(width: int) -> Tuple[int, int]:
+    return (LN_BLOCK_ROWS, LN_WARPS) if width <= 64 else (LN_WIDE_BLOCK_ROWS, LN_WIDE_WARPS)
+
+
 def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, save_stats: bool,
                         width: Optional[int] = None, sample_scale: Optional[Tensor] = None):
     batch, length, channels = x.shape
@@ -71,10 +80,11 @@ def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, sav
     rows = batch * length
     y = torch.empty(batch, length, width, device=x.device, dtype=x.dtype)
     stats = [torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2)] if save_stats else [y, y]
-    launch(_kernels()._layer_norm_fwd, (_cdiv(rows, LN_BLOCK_ROWS),),
+    block_rows, warps = _layer_norm_shape(width)
+    launch(_kernels()._layer_norm_fwd, (_cdiv(rows, block_rows),),
         x, sample_scale if sample_scale is not None else weight, weight, bias, y, stats[0], stats[1], rows, length,
-        channels, width, *x.stride(), *y.stride(), eps, BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(width),
-        SAVE_STATS=save_stats, HAS_SCALE=sample_scale is not None)
+        channels, width, *x.stride(), *y.stride(), eps, BLOCK_R=block_rows, BLOCK_C=_pow2(width),
+        SAVE_STATS=save_stats, HAS_SCALE=sample_scale is not None, num_warps=warps)
     return y, stats
 
 
@@ -93,12 +103,13 @@ class _LayerNorm(torch.autograd.Function):
         batch, length, channels = x.shape
         dy = dy[..., :channels]  # padding columns are constant zeros
         rows = batch * length
-        programs = _cdiv(rows, LN_BLOCK_ROWS)
+        block_rows, warps = _layer_norm_shape(channels)
+        programs = _cdiv(rows, block_rows)
         dx = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
         dw_part, db_part = (torch.empty(programs, channels, device=x.device, dtype=torch.float32) for _ in range(2))
         launch(_kernels()._layer_norm_bwd, (programs,), x, sample_scale if sample_scale is not None else weight,
                weight, dy, mean, rstd, dx, dw_part, db_part, rows, length, channels, *x.stride(), *dy.stride(),
-               BLOCK_R=LN_BLOCK_ROWS, BLOCK_C=_pow2(channels), HAS_SCALE=sample_scale is not None)
+               BLOCK_R=block_rows, BLOCK_C=_pow2(channels), HAS_SCALE=sample_scale is not None, num_warps=warps)
         return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None, None, None
 
 
