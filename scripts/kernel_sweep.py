@@ -5,8 +5,8 @@
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes; also at the
 teacher's 192 channels, batch 64 of 64x64, which ``--wide-only`` runs alone), conv1d +
-SiLU (over its block shapes) and x_proj after it, conv1d's backward at the training step's size
-(over its block shapes), a convolution's bias and skip added in one pass,
+SiLU (over its block shapes) and x_proj after it, conv1d's backward and LayerNorm's forward +
+backward at the training step's size (over their block shapes), a convolution's bias and skip added in one pass,
 the scan with u contiguous or read from in_proj's x plane, and cuDNN's 3x3 convolution from token
 rows of 60 or 64 channels (the fused path pads), alone and, at the training step's size (batch 64,
 64x64), with its backward. Each number is the median of 20 calls between two CUDA events after 5
@@ -121,6 +121,16 @@ def main() -> int:
         itertools.product((8, 16, 32, 64), (32, 64, 128), (2, 4, 8)),
         lambda: torch.autograd.grad(y_train, (x_train, w_train, b_train), dy_train, retain_graph=True))
     del x_train, y_train, dy_train
+    # LayerNorm alone, forward and backward with the sums of dw's and db's partials, at the training
+    # step's size, as in_proj's LayerNorm runs under autograd.
+    ln_x = torch.randn(64, 64 * 64, C, device=dev, requires_grad=True)
+    ln_w, ln_b = norm_w.clone().requires_grad_(), norm_b.clone().requires_grad_()
+    ln_dy = torch.randn(64, 64 * 64, C, device=dev)
+    results['layer_norm forward + backward, batch 64 of 64x64'] = sweep(
+        {'LN_BLOCK_ROWS': 'rows ', 'LN_WARPS': 'warps '},
+        itertools.product((8, 16, 32, 64, 128), (1, 2, 4, 8)),
+        lambda: torch.autograd.grad(fused_triton.layer_norm_tokens(ln_x, ln_w, ln_b, 1e-5), (ln_x, ln_w, ln_b), ln_dy))
+    del ln_x, ln_dy
 
     conv_out, skip, conv_bias = (torch.randn(1, LENGTH, C, device=dev), torch.randn(1, LENGTH, C, device=dev),
                                  torch.randn(C, device=dev))
