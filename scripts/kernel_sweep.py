@@ -4,9 +4,9 @@
 
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
 rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes; also at the
-teacher's 192 channels, batch 64 of 64x64, which ``--wide-only`` runs alone), conv1d +
-SiLU (over its block shapes) and x_proj after it, conv1d's backward and LayerNorm's forward +
-backward at the training step's size (over their block shapes), a convolution's bias and skip added in one pass,
+teacher's 192 channels, batch 64 of 64x64, which ``--wide-only`` runs alone), conv1d + SiLU (over
+its block shapes) and x_proj after it, conv1d's backward and LayerNorm's forward + backward at the
+training step's size (over their block shapes), a convolution's bias and skip added in one pass,
 the scan with u contiguous or read from in_proj's x plane, and cuDNN's 3x3 convolution from token
 rows of 60 or 64 channels (the fused path pads), alone and, at the training step's size (batch 64,
 64x64), with its backward. Each number is the median of 20 calls between two CUDA events after 5
