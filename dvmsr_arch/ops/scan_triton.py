@@ -358,8 +358,14 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     dd_tokens = ddelta.transpose(1, 2).reshape(batch * length, inner)
     torch.mm(dd_tokens, dt_weight.float(), out=flat_rows[:, :rank])
     d_weight = dd_tokens.t() @ delta.transpose(1, 2).float().reshape(batch * length, rank)
-    d_dt, dB, dC = d_rows.transpose(1, 2).split([rank, state, state], 1)
+    d_dt, dB, dC = _split_rows(d_rows, rank, state)
     return du, d_dt, d_weight, dA, dB, dC, dD, dz, dbias
+
+
+def _split_rows(rows: Tensor, rank: int, state: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Token-major (batch, L, R + 2N) rows [dt, B, C], as x_proj makes them, seen as the scan's
+    (batch, R, L), (batch, N, L) and (batch, N, L)."""
+    return rows.transpose(1, 2).split([rank, state, state], 1)
 
 
 def _input_grads(ctx, grads, inputs) -> list:
@@ -391,7 +397,7 @@ class _ProjectedScan(torch.autograd.Function):
     def forward(ctx, x, proj_weight, dt_weight, A, D, z, delta_bias, softplus):
         rank, state = dt_weight.shape[1], A.shape[1]
         rows = F.linear(x, proj_weight)  # under autocast in its dtype, as the x_proj module would be
-        dt, B, C = rows.transpose(1, 2).split([rank, state, state], 1)
+        dt, B, C = _split_rows(rows, rank, state)
         y, states = _scan_forward(x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, softplus, None,
                                   save_states=True)
         ctx.softplus = softplus
@@ -403,7 +409,7 @@ class _ProjectedScan(torch.autograd.Function):
         x, proj_weight, rows, dt_weight, A, D, z, delta_bias, states = ctx.saved_tensors
         batch, length, inner = x.shape
         rank, state = dt_weight.shape[1], A.shape[1]
-        dt, B, C = rows.transpose(1, 2).split([rank, state, state], 1)
+        dt, B, C = _split_rows(rows, rank, state)
         d_rows = torch.empty(batch * length, rank + 2 * state, device=x.device, dtype=torch.float32)
         du, _, d_weight, dA, _, _, dD, dz, dbias = _scan_backward(
             dy, x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, ctx.softplus, states,
@@ -471,6 +477,6 @@ def selective_scan_projected_triton(x: Tensor, proj_weight: Tensor, dt_weight: T
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ProjectedScan.apply(x, proj_weight, dt_weight, A, D, z, delta_bias, delta_softplus)
     rank, state = dt_weight.shape[1], A.shape[1]
-    dt, B, C = F.linear(x, proj_weight).transpose(1, 2).split([rank, state, state], 1)
+    dt, B, C = _split_rows(F.linear(x, proj_weight), rank, state)
     return _scan_forward(x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, None,
                          save_states=False)[0]

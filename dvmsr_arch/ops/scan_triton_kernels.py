@@ -1004,4 +1004,3 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
     tl.store(dA_ptr + prog * E * N + ne_offs, dA_acc, mask=en_mask)
     tl.store(dD_ptr + prog * E + e, dD_acc, mask=e_mask)
     tl.store(dbias_ptr + prog * E + e, dbias_acc, mask=e_mask)
-
