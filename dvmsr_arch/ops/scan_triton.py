@@ -59,6 +59,9 @@ FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2,
 BACKWARD_CONFIG = ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, sequential=True, prefetch=8)
 CARRY_BLOCK_CHUNKS = 256
 CARRY_BLOCK_STATES = 16
+# The saved states are (batch, n_tiles, N, E) blocks, contiguous: each state's row of channels is E
+# long (the kernels' STATE_ROW) and consecutive channels are 1 apart.
+STATE_CHANNEL_STRIDE = 1
 
 
 def set_configs(forward: Optional[ScanConfig] = None, backward: Optional[ScanConfig] = None) -> None:
@@ -209,6 +212,8 @@ def _forward_plan(u: Tensor, rank: int, state: int, aligned: bool, flags: tuple,
         shapes.update(RANK_PAD=_pow2(max(rank, 1)), ALIGNED=aligned, PREFETCH=cfg.prefetch)
     output_options = dict(HAS_D=has_D, HAS_Z=has_z, SAVE_STATES=save_states, **shapes,
                           **_register_cap(cfg.output_registers))
+    if cfg.sequential:
+        output_options['STATE_ROW'] = inner
     e_blocks = _cdiv(inner, cfg.block_e)
     summary = k._fwd_chunk_summary_lanes if cfg.sequential else k._fwd_chunk_summary
     output = k._fwd_chunk_output_lanes if cfg.sequential else k._fwd_chunk_output
@@ -249,11 +254,12 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     states = None
     z_or_u = z if z is not None else u
     strides = (*u.stride(), *delta.stride(), *B.stride())  # the summary pass's
+    state_stride = (STATE_CHANNEL_STRIDE,) if FORWARD_CONFIG.sequential else ()  # the lane kernels take it
 
     def output_args(n_chunks: int, n_tiles: int, tiles: int, carry_in: Tensor = any_t) -> list:
         return [u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, out, carry_in,
-                states if states is not None else any_t, length, inner, state, n_chunks, n_tiles, tiles, *strides,
-                *C.stride(), *z_or_u.stride(), *out.stride()]
+                states if states is not None else any_t, length, inner, state, n_chunks, n_tiles, tiles,
+                *state_stride, *strides, *C.stride(), *z_or_u.stride(), *out.stride()]
 
     aligned = FORWARD_CONFIG.sequential and _rows_aligned(delta if rank else None, B, C, rank, state)
     plan = _forward_plan(u, rank, state, aligned, (delta_bias is not None, softplus, D is not None, z is not None),
@@ -331,16 +337,17 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     # warp shuffles and writes its own partial slice. A slice holds [dB, dC] rows, so that one
     # reduction sums them into x_proj's row layout.
     warp_sums = cfg.sequential and _pow2(state) == 16 and cfg.block_e == 32 * cfg.num_warps
-    grads_extra = dict(lane_extra, WARP_SUMS=warp_sums) if cfg.sequential else {}
+    grads_extra = dict(lane_extra, WARP_SUMS=warp_sums, STATE_ROW=inner) if cfg.sequential else {}
     slices = n_eblk * (cfg.num_warps if warp_sums else 1)
     dBC_part = torch.empty(slices, batch * length, 2 * state, **f32)
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
     dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
     grads = k._bwd_chunk_grads_lanes if cfg.sequential else k._bwd_chunk_grads
+    state_stride = (STATE_CHANNEL_STRIDE,) if cfg.sequential else ()  # the lane kernels take it, the others don't
     launch(grads, grid, u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
            ddelta, dz, dBC_part, dBC_part[..., state:], dA_part, dD_part, dbias_part, length, inner, state, 2 * state,
-           batch, n_chunks, n_tiles, cfg.tiles_per_chunk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
-           *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None, HAS_Z=z is not None,
+           batch, n_chunks, n_tiles, cfg.tiles_per_chunk, *state_stride, *u.stride(), *delta.stride(), *B.stride(),
+           *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None, HAS_Z=z is not None,
            HAS_CARRY=n_chunks > 1, **shapes, **grads_extra, **_register_cap(cfg.output_registers))
     dA = dA_part.sum((0, 1)).t()
     dD = dD_part.sum((0, 1)) if D is not None else None

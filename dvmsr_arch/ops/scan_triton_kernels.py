@@ -580,12 +580,27 @@ def _fwd_chunk_summary_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, P_
 
 
 @triton.jit
+def _saved_state_ptrs(states_ptr, tile_offset, e, n, s_se, STATE_ROW: tl.constexpr):
+    """The addresses of a lane's states in one tile's saved (N, E) block, which starts
+    ``tile_offset`` elements into ``states_ptr``: ``n * STATE_ROW + e * s_se`` from there.
+
+    Each lane's pointer is formed first and the state rows added to it, with STATE_ROW (E) a
+    constexpr, so a thread's BLOCK_N addresses are one base and immediate offsets; formed from E at
+    run time they were BLOCK_N addresses kept in registers across the tile loop (on an H100: 168
+    instead of 128 registers a thread in the training forward, more spills in the gradients kernel;
+    docs/performance.md, 19a). The
+    channel stride ``s_se`` (1) stays a run-time value: a known unit stride lets Triton vectorise
+    these accesses across channels and lay the whole kernel out four channels a thread."""
+    return (states_ptr + tile_offset + e * s_se)[:, None] + n[None, :] * STATE_ROW
+
+
+@triton.jit
 def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de, s_dl,
                         s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b, pid_c, L, E, N,
-                        n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D, h, pf_e, pf_d, pf_n,
+                        n_tiles, tiles, s_se, e, e_mask, n, n_mask, en_mask, A2, W, bias, D, h, pf_e, pf_d, pf_n,
                         T: tl.constexpr, DT_RANK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_STATES: tl.constexpr,
-                        ALIGNED: tl.constexpr, MASKED: tl.constexpr, PREFETCH: tl.constexpr):
+                        ALIGNED: tl.constexpr, MASKED: tl.constexpr, PREFETCH: tl.constexpr, STATE_ROW: tl.constexpr):
     # Without a gate, z_ptr is u's: the read-ahead of z stays valid and its value unused. y may be
     # written over z or over u (the inference path does): z_t and u_t are read, one token ahead,
     # before y_t is stored. dt's row is read two tokens ahead: it starts each token's chain (the dt
@@ -603,7 +618,8 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
     for k in range(tiles):
         tile = pid_c * tiles + k
         if SAVE_STATES:
-            tl.store(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, h, mask=en_mask & (tile < n_tiles))
+            tl.store(_saved_state_ptrs(states_ptr, (pid_b * n_tiles + tile) * E * N, e, n, s_se, STATE_ROW), h,
+                     mask=en_mask & (tile < n_tiles))
         for i in tl.static_range(T):
             t = tile * T + i
             ev_mask = (e_mask & (t < L)) if MASKED else e_mask
@@ -635,18 +651,19 @@ def _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr
     return h
 
 
-@triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de', 's_dl',
-                               's_Bb', 's_Bn', 's_Bl', 's_Cb', 's_Cn', 's_Cl', 's_zb', 's_ze', 's_zl', 's_yb', 's_ye',
-                               's_yl'])
+@triton.jit(do_not_specialize=['L', 'E', 'n_chunks', 'n_tiles', 'tiles', 's_se', 's_ub', 's_ue', 's_ul', 's_db', 's_de',
+                               's_dl', 's_Bb', 's_Bn', 's_Bl', 's_Cb', 's_Cn', 's_Cl', 's_zb', 's_ze', 's_zl', 's_yb',
+                               's_ye', 's_yl'])
 def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, Hin_ptr,
-                            states_ptr, L, E, N, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de,
+                            states_ptr, L, E, N, n_chunks, n_tiles, tiles, s_se, s_ub, s_ue, s_ul, s_db, s_de,
                             s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl,
                             T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                             HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, RANK_PAD: tl.constexpr,
-                            ALIGNED: tl.constexpr, PREFETCH: tl.constexpr):
-    """Same contract as ``_fwd_chunk_output``. Every chunk but the last runs without token masks.
-    PREFETCH > 0: as in ``_fwd_chunk_summary_lanes``."""
+                            ALIGNED: tl.constexpr, PREFETCH: tl.constexpr, STATE_ROW: tl.constexpr):
+    """Same contract as ``_fwd_chunk_output``, with the saved states addressed as in
+    ``_saved_state_ptrs`` (``s_se``, ``STATE_ROW``). Every chunk but the last runs without token
+    masks. PREFETCH > 0: as in ``_fwd_chunk_summary_lanes``."""
     pid_c = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -669,15 +686,15 @@ def _fwd_chunk_output_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_p
     if (pid_c + 1) * tiles * T <= L:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
-                                pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
+                                pid_c, L, E, N, n_tiles, tiles, s_se, e, e_mask, n, n_mask, en_mask, A2, W, bias, D,
                                 h, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z,
-                                SAVE_STATES, ALIGNED, False, PREFETCH)
+                                SAVE_STATES, ALIGNED, False, PREFETCH, STATE_ROW)
     else:
         h = _output_lanes_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, y_ptr, states_ptr, s_ub, s_ue, s_ul, s_db, s_de,
                                 s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_yb, s_ye, s_yl, pid_b,
-                                pid_c, L, E, N, n_tiles, tiles, e, e_mask, n, n_mask, en_mask, ne_offs, A2, W, bias, D,
+                                pid_c, L, E, N, n_tiles, tiles, s_se, e, e_mask, n, n_mask, en_mask, A2, W, bias, D,
                                 h, pf_e, pf_d, pf_n, T, DT_RANK, RANK_PAD, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z,
-                                SAVE_STATES, ALIGNED, True, PREFETCH)
+                                SAVE_STATES, ALIGNED, True, PREFETCH, STATE_ROW)
 
 
 @triton.jit
@@ -907,18 +924,19 @@ def _bwd_lane_token(h_prev, mu, dA_acc, dD_acc, dbias_acc, t, u_ptr, delta_ptr, 
     return decay * lam, dA_acc, dD_acc, dbias_acc
 
 
-@triton.jit(do_not_specialize=['L', 'E', 'batch', 'n_chunks', 'n_tiles', 'tiles', 's_ub', 's_ue', 's_ul', 's_db', 's_de',
-                               's_dl', 's_Bb', 's_Bn', 's_Bl', 's_Cb', 's_Cn', 's_Cl', 's_zb', 's_ze', 's_zl', 's_gb',
-                               's_ge', 's_gl', 's_xb', 's_xe', 's_xl'])
+@triton.jit(do_not_specialize=['L', 'E', 'batch', 'n_chunks', 'n_tiles', 'tiles', 's_se', 's_ub', 's_ue', 's_ul',
+                               's_db', 's_de', 's_dl', 's_Bb', 's_Bn', 's_Bl', 's_Cb', 's_Cn', 's_Cl', 's_zb', 's_ze',
+                               's_zl', 's_gb', 's_ge', 's_gl', 's_xb', 's_xe', 's_xl'])
 def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, states_ptr,
                            MU_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, L, E, N,
-                           s_part, batch, n_chunks, n_tiles, tiles, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb, s_Bn,
-                           s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl,
+                           s_part, batch, n_chunks, n_tiles, tiles, s_se, s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_Bb,
+                           s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_xb, s_xe, s_xl,
                            T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, DT_RANK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                            HAS_CARRY: tl.constexpr, RANK_PAD: tl.constexpr, ALIGNED: tl.constexpr,
-                           WARP_SUMS: tl.constexpr, PREFETCH: tl.constexpr):
-    """Same contract as ``_bwd_chunk_grads``, lane per channel; with WARP_SUMS (one channel per
+                           WARP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, STATE_ROW: tl.constexpr):
+    """Same contract as ``_bwd_chunk_grads``, lane per channel, with the saved states addressed as in
+    ``_saved_state_ptrs`` (``s_se``, ``STATE_ROW``); with WARP_SUMS (one channel per
     lane, BLOCK_N = 16), dB and dC have one partial slice per warp instead of per program. Tokens go
     last to first, in runs of four (T is a multiple of 4): the states before the four tokens of a
     run are recomputed from the tile's saved start state and held in four register sets, so each
@@ -956,7 +974,7 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
         tile = pid_c * tiles + (tiles - 1 - kk)
         if PREFETCH > 0:
             tile_pf = tl.minimum(tl.maximum(tile - PREFETCH // T, 0), n_tiles - 1)
-            _prefetch(states_ptr + (pid_b * n_tiles + tile_pf) * E * N + pf_n * E + pf_e)
+            _prefetch(states_ptr + (pid_b * n_tiles + tile_pf) * E * N + pf_n * STATE_ROW + pf_e * s_se)
             for j in tl.static_range(T):
                 tp = tl.minimum(tile_pf * T + j, L - 1)
                 _prefetch(u_ptr + pid_b * s_ub + tp * s_ul + pf_e * s_ue)
@@ -966,8 +984,8 @@ def _bwd_chunk_grads_lanes(u_ptr, delta_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_pt
                 _prefetch(dy_ptr + pid_b * s_gb + tp * s_gl + pf_e * s_ge)
                 if HAS_Z:
                     _prefetch(z_ptr + pid_b * s_zb + tp * s_zl + pf_e * s_ze)
-        h_start = tl.load(states_ptr + (pid_b * n_tiles + tile) * E * N + ne_offs, mask=en_mask & (tile < n_tiles),
-                          other=0.0)
+        h_start = tl.load(_saved_state_ptrs(states_ptr, (pid_b * n_tiles + tile) * E * N, e, n, s_se, STATE_ROW),
+                          mask=en_mask & (tile < n_tiles), other=0.0)
         for run in tl.static_range(T // 4):
             t0 = tile * T + (T // 4 - 1 - run) * 4
             h_s = h_start
