@@ -772,6 +772,15 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
             total = device_ms(prof.events(), args.profile_runs)
             results.setdefault('gpu_ms_per_train_step' if args.profile_train else 'gpu_ms_per_forward', {})[key] = total
             print(f'profile {key}: GPU kernel time {total:.3f} ms per {what}', flush=True)
+            if name == 'dvmsr':
+                # Registers bound how many programs of a Triton kernel an SM holds, and spills cost loads.
+                from dvmsr_arch.ops.launch import compiled_kernels
+                kernels = compiled_kernels()
+                results.setdefault('triton_kernels', {})[key] = [
+                    dict(name=k, registers=r, spilled_words=sp, warps=w) for k, r, sp, w in kernels]
+                for kernel, registers, spilled, warps in kernels:
+                    print(f'profile {key}: {kernel} {registers} registers, {spilled} spilled words, {warps} warps',
+                          flush=True)
             if args.memory_at_peak and device.type == 'cuda':
                 with mode, precision(switches, device):
                     peak, held, rows = live_at_peak(work, device)

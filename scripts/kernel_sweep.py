@@ -11,8 +11,10 @@ the scan with u contiguous or read from in_proj's x plane, and cuDNN's 3x3 convo
 rows of 60 or 64 channels (the fused path pads), alone and, at the training step's size (batch 64,
 64x64), with its backward. Each number is the median of 20 calls between two CUDA events after 5
 warm-up calls, so it includes the launch: compare the numbers with each other, and use
-``benchmark.py profile`` for kernel times inside the network. The chosen shapes are the module
-constants of ``dvmsr_arch/ops/fused_triton.py``.
+``benchmark.py profile`` for kernel times inside the network. The two backward sweeps (conv1d's and
+LayerNorm's, through autograd) report kernel time per call from the profiler instead: the host
+takes longer to issue such a call than its kernels run, so events around it time the host. The
+chosen shapes are the module constants of ``dvmsr_arch/ops/fused_triton.py``.
 """
 import argparse
 import itertools
@@ -28,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dvmsr_arch  # noqa: E402,F401
-from benchmark import time_calls  # noqa: E402  (scripts/, this file's folder)
+from benchmark import device_ms, time_calls  # noqa: E402  (scripts/, this file's folder)
 from dvmsr_arch.ops import fused_triton, scan_triton  # noqa: E402
 
 LENGTH, C, E, N, R = 339 * 510, 60, 120, 16, 4
@@ -41,8 +43,24 @@ def median_us(fn, warmup: int = 5, repeats: int = 20) -> float:
     return round(sorted(times)[len(times) // 2] * 1000, 1)
 
 
-def sweep(setting: dict, shapes, fn) -> dict:
-    """Time ``fn`` with the module constants of fused_triton set to each shape, then restore them."""
+def kernel_us(fn, warmup: int = 5, runs: int = 20) -> float:
+    """GPU kernel time per call in µs, from the profiler's device events as ``benchmark.py profile``
+    counts them. For calls through autograd, whose host time exceeds their kernels': events around
+    such a call time the host."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    return round(device_ms(prof.events(), runs) * 1000, 1)
+
+
+def sweep(setting: dict, shapes, fn, timer=median_us) -> dict:
+    """Time ``fn`` by ``timer`` with the module constants of fused_triton set to each shape, then
+    restore them."""
     saved = {name: getattr(fused_triton, name) for name in setting}
     out = {}
     try:
@@ -51,7 +69,7 @@ def sweep(setting: dict, shapes, fn) -> dict:
                 setattr(fused_triton, name, value)
             label = ' '.join(f'{setting[name]}{value}' for name, value in zip(setting, values))
             try:
-                out[label] = median_us(fn)
+                out[label] = timer(fn)
             except Exception as error:  # a shape that does not fit (shared memory) is a result too
                 out[label] = f'{type(error).__name__}'
     finally:
@@ -119,7 +137,7 @@ def main() -> int:
     results['conv1d backward, batch 64 of 64x64'] = sweep(
         {'CONV_BWD_BLOCK_L': 'tokens ', 'CONV_BWD_BLOCK_E': 'channels ', 'CONV_BWD_WARPS': 'warps '},
         itertools.product((8, 16, 32, 64), (32, 64, 128), (2, 4, 8)),
-        lambda: torch.autograd.grad(y_train, (x_train, w_train, b_train), dy_train, retain_graph=True))
+        lambda: torch.autograd.grad(y_train, (x_train, w_train, b_train), dy_train, retain_graph=True), kernel_us)
     del x_train, y_train, dy_train
     # LayerNorm alone, forward and backward with the sums of dw's and db's partials, at the training
     # step's size, as in_proj's LayerNorm runs under autograd.
@@ -129,7 +147,8 @@ def main() -> int:
     results['layer_norm forward + backward, batch 64 of 64x64'] = sweep(
         {'LN_BLOCK_ROWS': 'rows ', 'LN_WARPS': 'warps '},
         itertools.product((8, 16, 32, 64, 128), (1, 2, 4, 8)),
-        lambda: torch.autograd.grad(fused_triton.layer_norm_tokens(ln_x, ln_w, ln_b, 1e-5), (ln_x, ln_w, ln_b), ln_dy))
+        lambda: torch.autograd.grad(fused_triton.layer_norm_tokens(ln_x, ln_w, ln_b, 1e-5), (ln_x, ln_w, ln_b), ln_dy),
+        kernel_us)
     del ln_x, ln_dy
 
     conv_out, skip, conv_bias = (torch.randn(1, LENGTH, C, device=dev), torch.randn(1, LENGTH, C, device=dev),

@@ -3,6 +3,8 @@
 A fake kernel stands in for Triton's (CI has no GPU): it records the calls that go through
 ``kernel[grid](...)`` and those that reach the compiled kernel's launcher.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -25,8 +27,10 @@ def kernel_body(x_ptr, n, BLOCK, FLAG=7):
 class FakeCompiled:
     function, packed_metadata = 'function', 'metadata'
 
-    def __init__(self, log):
+    def __init__(self, log, name='kernel_body', registers=40, spilled=0, warps=4):
         self.log = log
+        self.name, self.n_regs, self.n_spills = name, registers, spilled
+        self.metadata = SimpleNamespace(num_warps=warps)
 
     def _init_handles(self):
         pass
@@ -38,13 +42,14 @@ class FakeCompiled:
 class FakeKernel:
     fn = staticmethod(kernel_body)
 
-    def __init__(self):
+    def __init__(self, **resources):
         self.log = []
+        self.resources = resources  # what its compiled kernel reports (FakeCompiled's keywords)
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.log.append(('triton', grid, args, kwargs))
-            return FakeCompiled(self.log)
+            return FakeCompiled(self.log, **self.resources)
         return run
 
 
@@ -148,6 +153,17 @@ def test_hooks_are_empty_chains_or_none(monkeypatch):
     assert not launch_module._no_launch_hooks()
     runtime.launch_exit_hook = print  # a plain callable
     assert not launch_module._no_launch_hooks()
+
+
+def test_compiled_kernels_lists_each_directly_called_kernel_once(fake_cuda):
+    x = on_cuda(torch.zeros(64))
+    assert launch_module.compiled_kernels() == []
+    scan, norm = FakeKernel(name='scan', registers=128, spilled=0, warps=2), FakeKernel(name='norm', registers=255,
+                                                                                        spilled=24, warps=1)
+    for n in (64, 32, 64):  # two keys for the scan, one compiled kernel each
+        launch_module.launch(scan, (1,), x, n, BLOCK=32)
+    launch_module.launch(norm, (1,), x, 64, BLOCK=32)
+    assert launch_module.compiled_kernels() == [('norm', 255, 24, 1), ('scan', 128, 0, 2)]
 
 
 def test_direct_launches_can_be_turned_off(fake_cuda):

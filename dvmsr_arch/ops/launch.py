@@ -80,6 +80,18 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
                      compiled.packed_metadata, None, None, None, *pointers, *args[len(pointers):], *constexprs)
 
 
+def compiled_kernels() -> List[Tuple[str, int, int, int]]:
+    """(name, registers a thread, spilled 4-byte words a thread, warps) of every compiled kernel that
+    :func:`launch` now calls directly, each combination once, sorted: what a report shows of the
+    kernels that ran (``benchmark.py profile``). Empty where no call took the direct path."""
+    found = set()
+    for entry in _direct.values():
+        if entry is not None:
+            compiled = entry[0]
+            found.add((compiled.name, compiled.n_regs, compiled.n_spills, compiled.metadata.num_warps))
+    return sorted(found)
+
+
 def _key(kernel, device: int, args: tuple, kwargs: Dict[str, Any]) -> Tuple[tuple, List[int]]:
     """What Triton's specialisation depends on: the scalars as they are, and each leading tensor's
     dtype and 16-byte alignment (and that it is on CUDA); with the leading tensors' addresses. Raises
