@@ -343,7 +343,7 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
     dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
     grads = k._bwd_chunk_grads_lanes if cfg.sequential else k._bwd_chunk_grads
-    state_stride = (STATE_CHANNEL_STRIDE,) if cfg.sequential else ()  # the lane kernels take it, the others don't
+    state_stride = (STATE_CHANNEL_STRIDE,) if cfg.sequential else ()  # the lane kernels take it
     launch(grads, grid, u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
            ddelta, dz, dBC_part, dBC_part[..., state:], dA_part, dD_part, dbias_part, length, inner, state, 2 * state,
            batch, n_chunks, n_tiles, cfg.tiles_per_chunk, *state_stride, *u.stride(), *delta.stride(), *B.stride(),

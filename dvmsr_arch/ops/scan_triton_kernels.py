@@ -588,9 +588,9 @@ def _saved_state_ptrs(states_ptr, tile_offset, e, n, s_se, STATE_ROW: tl.constex
     constexpr, so a thread's BLOCK_N addresses are one base and immediate offsets; formed from E at
     run time they were BLOCK_N addresses kept in registers across the tile loop (on an H100: 168
     instead of 128 registers a thread in the training forward, more spills in the gradients kernel;
-    docs/performance.md, 19a). The
-    channel stride ``s_se`` (1) stays a run-time value: a known unit stride lets Triton vectorise
-    these accesses across channels and lay the whole kernel out four channels a thread."""
+    docs/performance.md, 19a). The channel stride ``s_se`` (1) stays a run-time value: a known unit
+    stride lets Triton vectorise these accesses across channels and lay the whole kernel out four
+    channels a thread."""
     return (states_ptr + tile_offset + e * s_se)[:, None] + n[None, :] * STATE_ROW
 
 
