@@ -734,8 +734,22 @@ def device_ms(events, runs: int) -> float:
                if e.device_type == DeviceType.CUDA and not getattr(e, 'is_user_annotation', False)) / runs / 1e3
 
 
-def run_profile(args, device: torch.device) -> Dict[str, object]:
+def profiled(work: Callable[[], object], device: torch.device, warmup: int, runs: int):
+    """The PyTorch profiler's record of ``runs`` calls of ``work`` after ``warmup`` calls outside it
+    (with the GPU's activity on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    for _ in range(warmup):
+        work()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            work()
+        synchronize(device)
+    return prof
+
+
+def run_profile(args, device: torch.device) -> Dict[str, object]:
     height, width = parse_size(args.profile_size)
     what = f'train step, batch {args.train_batch} at {args.train_size}' if args.profile_train else 'forward'
     results: Dict[str, object] = {'machine': machine_info(device), 'size': args.profile_size, 'what': what,
@@ -754,15 +768,8 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                 net = build_model(name, device, backend, None, args.channels_last)
                 x = torch.rand(1, 3, height, width, device=device) * PIXEL_RANGE[name]
                 work, mode, switches = partial(net, x), torch.inference_mode(), args.precision
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
             with mode, precision(switches, device):
-                for _ in range(3):
-                    work()
-                synchronize(device)
-                with profile(activities=activities) as prof:
-                    for _ in range(args.profile_runs):
-                        work()
-                    synchronize(device)
+                prof = profiled(work, device, 3, args.profile_runs)
             key = f'{name}_{resolve_backend(backend, device) if name == "dvmsr" else "cudnn"}'
             sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
             table = prof.key_averages().table(sort_by=sort, row_limit=40 if args.profile_train else 25,

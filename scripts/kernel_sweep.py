@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dvmsr_arch  # noqa: E402,F401
-from benchmark import device_ms, time_calls  # noqa: E402  (scripts/, this file's folder)
+from benchmark import device_ms, profiled, time_calls  # noqa: E402  (scripts/, this file's folder)
 from dvmsr_arch.ops import fused_triton, scan_triton  # noqa: E402
 
 LENGTH, C, E, N, R = 339 * 510, 60, 120, 16, 4
@@ -47,14 +47,7 @@ def kernel_us(fn, warmup: int = 5, runs: int = 20) -> float:
     """GPU kernel time per call in µs, from the profiler's device events as ``benchmark.py profile``
     counts them. For calls through autograd, whose host time exceeds their kernels': events around
     such a call time the host."""
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            fn()
-        torch.cuda.synchronize()
+    prof = profiled(fn, torch.device('cuda'), warmup, runs)
     return round(device_ms(prof.events(), runs) * 1000, 1)
 
 
