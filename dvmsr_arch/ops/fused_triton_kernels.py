@@ -24,14 +24,31 @@ def _row_block(rows, L, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _row_scales(scale_ptr, rb, r_mask, HAS_SCALE: tl.constexpr):
+    """HAS_SCALE: each row's factor, its sample's entry of ``scale`` (batch,); else 1."""
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rb, mask=r_mask, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def _scaled_rows(x_ptr, rb, rl, c, mask, s_xb, s_xl, s_xc, scale, HAS_SCALE: tl.constexpr):
+    """A block of token rows of x (batch index ``rb``, position ``rl``) in fp32, 0 outside ``mask``;
+    HAS_SCALE: each row times its factor (``_row_scales``)."""
+    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        x = x * scale[:, None]
+    return x
+
+
+@triton.jit
 def _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps, scale,
                      HAS_SCALE: tl.constexpr):
     """LayerNorm of a block of token rows (batch index ``rb``, position ``rl``), fp32 (undefined
     outside ``mask``), with the rows' mean and 1/std. HAS_SCALE: each row is first multiplied by its
     factor in ``scale``."""
-    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        x = x * scale[:, None]
+    x = _scaled_rows(x_ptr, rb, rl, c, mask, s_xb, s_xl, s_xc, scale, HAS_SCALE)
     mean = tl.sum(x, 1) / C
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
@@ -86,9 +103,7 @@ def _layer_norm_fwd(x_ptr, scale_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, r
     """y rows of OUT_C >= C columns: the normalised C, then zeros. HAS_SCALE: x's rows are first
     multiplied by their sample's factor ``scale`` (batch,)."""
     r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
-    scale = 1.0
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + rb, mask=r_mask, other=0.0).to(tl.float32)
+    scale = _row_scales(scale_ptr, rb, r_mask, HAS_SCALE)
     y, mean, rstd = _normalised_rows(x_ptr, w_ptr, b_ptr, rb, rl, c, c_mask, mask, C, s_xb, s_xl, s_xc, eps, scale,
                                      HAS_SCALE)
     tl.store(y_ptr + (rb * s_yb + rl * s_yl)[:, None] + c[None, :] * s_yc,
@@ -106,12 +121,8 @@ def _layer_norm_bwd(x_ptr, scale_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr,
     dx is the gradient of the unscaled x."""
     pid = tl.program_id(0)
     r, c, r_mask, c_mask, mask, rb, rl = _row_block(rows, L, C, BLOCK_R, BLOCK_C)
-    scale = 1.0
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + rb, mask=r_mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + (rb * s_xb + rl * s_xl)[:, None] + c[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        x = x * scale[:, None]
+    scale = _row_scales(scale_ptr, rb, r_mask, HAS_SCALE)
+    x = _scaled_rows(x_ptr, rb, rl, c, mask, s_xb, s_xl, s_xc, scale, HAS_SCALE)
     dy = tl.load(dy_ptr + (rb * s_gb + rl * s_gl)[:, None] + c[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
     rstd = tl.load(rstd_ptr + r, mask=r_mask, other=0.0)
