@@ -278,8 +278,9 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
         handed = torch.empty(batch * plan.n_chunks * chunk_states + chunk_states, **f32)
         end_state = handed[chunk_states:].view(batch, plan.n_chunks, inner, state)
         carry_in = handed[:-chunk_states].view(batch, plan.n_chunks, inner, state)
-        launch(plan.summary, plan.grid, u, delta, w, bias, A, B, decay, end_state, length, inner, state, plan.n_chunks,
-               plan.tiles, *strides, **plan.summary_options)
+        # The last chunk's end state goes nowhere: the summary pass leaves that chunk out.
+        launch(plan.summary, (plan.n_chunks - 1, *plan.grid[1:]), u, delta, w, bias, A, B, decay, end_state, length,
+               inner, state, plan.n_chunks, plan.tiles, *strides, **plan.summary_options)
         launch(k._chunk_carry, (_cdiv(chunk_states, CARRY_BLOCK_STATES), batch),
                decay, end_state, carry_in, plan.n_chunks, chunk_states, REVERSE=False,
                BLOCK_C=_carry_block(plan.n_chunks), BLOCK_S=CARRY_BLOCK_STATES)
@@ -323,9 +324,13 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     if n_chunks > 1:
         decay, handed = (torch.empty(batch, n_chunks, inner, state, **f32) for _ in range(2))
         summary = k._bwd_chunk_summary_lanes if cfg.sequential else k._bwd_chunk_summary
-        launch(summary, grid, delta, w, bias, A, C, z_or_u, dy, decay, handed, length, inner, state, n_chunks,
-               cfg.tiles_per_chunk, *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(),
-               HAS_Z=z is not None, **shapes, **lane_extra, **_register_cap(cfg.summary_registers))
+        # The first chunk's adjoint summary goes nowhere: the pass runs on the sequences from the
+        # second chunk on, and its summaries go one chunk further into the buffers.
+        later = (slice(None), slice(None), slice(chunk, None))
+        launch(summary, (n_chunks - 1, *grid[1:]), delta[later], w, bias, A, C[later], z_or_u[later], dy[later],
+               decay[:, 1:], handed[:, 1:], length - chunk, inner, state, n_chunks, cfg.tiles_per_chunk,
+               *delta.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(), HAS_Z=z is not None, **shapes,
+               **lane_extra, **_register_cap(cfg.summary_registers))
         carry = torch.empty(batch, n_chunks, inner, state, **f32)
         launch(k._chunk_carry, (_cdiv(inner * state, CARRY_BLOCK_STATES), batch),
             decay, handed, carry, n_chunks, inner * state, REVERSE=True, BLOCK_C=_carry_block(n_chunks),

@@ -136,7 +136,8 @@ def _chunk_carry(P_ptr, G_ptr, out_ptr, n_chunks, S, REVERSE: tl.constexpr, BLOC
     """out[c] = the carry entering chunk c: x_next = P[c] * x + G[c], from x = 0 at the first chunk.
 
     Forward: chunks in order. REVERSE: from the last chunk down, for the adjoint.
-    Layout (batch, n_chunks, S) for all three; S = E * N.
+    Layout (batch, n_chunks, S) for all three; S = E * N. The last chunk in processing order hands
+    nothing on: its P and G are not read (the summary passes leave them out).
     """
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -158,15 +159,14 @@ def _chunk_carry(P_ptr, G_ptr, out_ptr, n_chunks, S, REVERSE: tl.constexpr, BLOC
         else:
             c = j
             c_next = c + 1
-        mask = (j < n_chunks)[:, None] & s_mask[None, :]
+        mask = ((j + 1) < n_chunks)[:, None] & s_mask[None, :]
         offs = base + c[:, None].to(tl.int64) * S + s[None, :]
         p = tl.load(P_ptr + offs, mask=mask, other=1.0)
         g = tl.load(G_ptr + offs, mask=mask, other=0.0)
         g = tl.where((step == 0)[:, None], g + p * carry[None, :], g)
         _, x = tl.associative_scan((p, g), 0, _affine_combine)
         # x[j] is what chunk j hands to the next one in processing order.
-        tl.store(out_ptr + base + c_next[:, None].to(tl.int64) * S + s[None, :], x,
-                 mask=((j + 1) < n_chunks)[:, None] & s_mask[None, :])
+        tl.store(out_ptr + base + c_next[:, None].to(tl.int64) * S + s[None, :], x, mask=mask)
         carry = tl.sum(tl.where((step == BLOCK_C - 1)[:, None], x, 0.0), 0)
 
 
