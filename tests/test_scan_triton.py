@@ -101,33 +101,40 @@ def scan_case(batch, inner, state, length, rank, token_major, with_extras, dtype
     return result
 
 
-def projected_case(batch, inner, state, length, rank):
-    """The scan with x_proj inside (the network's training path) against float64: x feeds both the
-    scan and the projection, so its gradient is the sum of the two shares."""
+def mamba_inner_case(batch, channels, inner, state, length, rank):
+    """in_proj, conv1d + SiLU, x_proj and the scan as one autograd Function (the network's training
+    path) against float64: u feeds both the scan and x_proj, and the tokens both of in_proj's halves,
+    so their gradients are sums of two shares each."""
+    import torch.nn.functional as F
+
+    from dvmsr_arch.ops.mamba_inner import mamba_inner_triton
     from dvmsr_arch.ops.scan_ref import selective_scan_ref
-    from dvmsr_arch.ops.scan_triton import selective_scan_projected_triton
-    x = torch.randn(batch, length, inner)
+    tokens = torch.randn(batch, channels, length).transpose(1, 2)  # strided, as tests elsewhere
+    in_weight = torch.randn(2 * inner, channels) * channels**-0.5
+    conv_weight, conv_bias = torch.randn(inner, 1, 4) * 0.5, torch.randn(inner) * 0.5
     proj_weight = torch.randn(rank + 2 * state, inner) * inner**-0.5
     dt_weight = torch.randn(inner, rank).abs() * 0.5
     A = -torch.exp(torch.randn(inner, state) * 0.5)
-    D, z, bias = torch.randn(inner), torch.randn(batch, length, inner).transpose(1, 2), torch.randn(inner) * 0.5
-    names = ('x', 'proj_weight', 'dt_weight', 'A', 'D', 'z', 'delta_bias')
-    leaves = [t.clone().requires_grad_() for t in (x, proj_weight, dt_weight, A, D, z, bias)]
+    D, bias = torch.randn(inner), torch.randn(inner) * 0.5
+    names = ('tokens', 'in_weight', 'conv_weight', 'conv_bias', 'proj_weight', 'dt_weight', 'A', 'D', 'delta_bias')
+    leaves = [t.clone().requires_grad_() for t in
+              (tokens, in_weight, conv_weight, conv_bias, proj_weight, dt_weight, A, D, bias)]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    x6, p6, w6, A6, D6, z6, b6 = leaves64
-    dt6, B6, C6 = (x6 @ p6.t()).transpose(1, 2).split([rank, state, state], 1)
-    ref = selective_scan_ref(x6.transpose(1, 2), torch.einsum('brl,er->bel', dt6, w6), A6, B6, C6, D6, z6, b6, True)
+    t6, i6, cw6, cb6, p6, w6, A6, D6, b6 = leaves64
+    x6, z6 = (t6 @ i6.t()).transpose(1, 2).split(inner, 1)
+    u6 = F.silu(F.conv1d(F.pad(x6, (3, 0)), cw6, cb6, groups=inner))
+    dt6, B6, C6 = (p6 @ u6).split([rank, state, state], 1)
+    ref = selective_scan_ref(u6, torch.einsum('brl,er->bel', dt6, w6), A6, B6, C6, D6, z6, b6, True)
     grad = torch.randn_like(ref)
     ref.backward(grad)
     with poisoned_empty():
-        y = selective_scan_projected_triton(*leaves, delta_softplus=True)
+        y = mamba_inner_triton(*leaves)
         y.backward(grad.float())
     result = {'forward': max_rel(y.detach(), ref.detach())}
     result.update({f'grad_{name}': max_rel(leaf.grad, leaf64.grad)
                    for name, leaf, leaf64 in zip(names, leaves, leaves64)})
     with torch.no_grad(), poisoned_empty():
-        result['no_grad_path'] = max_rel(selective_scan_projected_triton(*[t.detach() for t in leaves],
-                                                                         delta_softplus=True), ref.detach())
+        result['no_grad_path'] = max_rel(mamba_inner_triton(*[t.detach() for t in leaves]), ref.detach())
     return result
 
 
@@ -367,9 +374,9 @@ def run_all_cases():
                                                 prefetch=8))
     results['lowrank_packed_rows_warp_sums'] = scan_case(1, 40, 16, 37, 4, token_major=True, with_extras=True,
                                                          packed=True)
-    results['projected_warp_sums'] = projected_case(1, 40, 16, 37, 4)
+    results['mamba_inner_warp_sums'] = mamba_inner_case(1, 20, 40, 16, 37, 4)
     scan_triton.set_configs(lanes, backward_lanes)
-    results['projected'] = projected_case(2, 6, 3, 21, 2)
+    results['mamba_inner'] = mamba_inner_case(2, 3, 6, 3, 21, 2)
     # fp16 rows as the network lays them out under autocast: [dt, B, C] starting on 16 bytes (R = N = 8),
     # read with vector loads.
     results['half_packed_rows'] = scan_case(1, 6, 8, 29, 8, token_major=True, with_extras=True, dtype=torch.float16,
@@ -417,30 +424,13 @@ def test_scan_matches_float64_ref(interpreted, case):
 
 
 @needs_triton
-@pytest.mark.parametrize('case', ['projected', 'projected_warp_sums'])
-def test_scan_with_x_proj_inside_matches_float64_ref(interpreted, case):
+@pytest.mark.parametrize('case', ['mamba_inner', 'mamba_inner_warp_sums'])
+def test_mamba_inner_function_matches_float64_ref(interpreted, case):
     result = interpreted[case]
-    assert set(result) == {'forward', 'no_grad_path', 'grad_x', 'grad_proj_weight', 'grad_dt_weight', 'grad_A',
-                           'grad_D', 'grad_z', 'grad_delta_bias'}, result
+    assert set(result) == {'forward', 'no_grad_path', 'grad_tokens', 'grad_in_weight', 'grad_conv_weight',
+                           'grad_conv_bias', 'grad_proj_weight', 'grad_dt_weight', 'grad_A', 'grad_D',
+                           'grad_delta_bias'}, result
     assert max(result.values()) < TOL, result
-
-
-def test_linear_halves_gradients_match_float64():
-    """in_proj's x and z halves for training: the second half's input gradient joins the first's
-    in an addmm, and a half that gets no gradient (None) is left out."""
-    from dvmsr_arch.ops.projections import linear_halves
-    torch.manual_seed(0)
-    x, weight = torch.randn(2, 9, 6), torch.randn(10, 6)
-    for used in ((0, 1), (1,), (0,)):
-        leaves = [t.clone().requires_grad_() for t in (x, weight)]
-        leaves64 = [t.detach().double().requires_grad_() for t in (x, weight)]
-        halves = linear_halves(*leaves)
-        halves64 = [torch.nn.functional.linear(leaves64[0], w) for w in leaves64[1].chunk(2)]
-        assert all(h.is_contiguous() for h in halves) and max_rel(torch.cat(halves, -1), torch.cat(halves64, -1)) < TOL
-        grads = [torch.randn_like(h) for h in halves]
-        torch.autograd.backward([halves[i] for i in used], [grads[i] for i in used])
-        torch.autograd.backward([halves64[i] for i in used], [grads[i].double() for i in used])
-        assert max_rel(leaves[0].grad, leaves64[0].grad) < TOL and max_rel(leaves[1].grad, leaves64[1].grad) < TOL
 
 
 @needs_triton

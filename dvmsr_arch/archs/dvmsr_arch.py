@@ -16,8 +16,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
 from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_tokens, layer_norm_linear_tokens,
                                         layer_norm_tokens, low_memory_enabled, pixel_shuffle_image)
-from dvmsr_arch.ops.projections import linear_halves
-from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton, selective_scan_projected_triton
+from dvmsr_arch.ops.mamba_inner import mamba_inner_triton
+from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -226,64 +226,56 @@ class MambaMixer(nn.Module):
 
         Triton kernels for LayerNorm (inside in_proj's kernel for inference), conv1d + SiLU and the
         scan (which expands dt_proj itself); the projections are single matmuls over (B*L, C) rows.
+        Under autograd, everything between LayerNorm and out_proj is one Function.
         """
-        no_grad = not torch.is_grad_enabled()
-        rows_into = None
-        if sample_scale is not None and (no_grad or norm is None):
+        if sample_scale is not None and (not torch.is_grad_enabled() or norm is None):
             tokens = scaled_per_sample(tokens, sample_scale)
             sample_scale = None
-        if no_grad:
-            # Under autocast, inference keeps the fused kernels and stores their activations in the
-            # autocast dtype (the scan state stays fp32).
-            half_dtype = _autocast_dtype(tokens.device.type)
-            if low_memory_enabled():
-                # in_proj's halves one after the other, conv1d between them: x is gone before z
-                # exists, so the ViMM never holds x, z and u at once (see ``low_memory_inference``).
-                x_raw = self._in_proj_inference(tokens, norm, 0, out_dtype=half_dtype)
-                x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
-                del x_raw
-                z = self._in_proj_inference(tokens, norm, 1, out_dtype=half_dtype)
-                if release_input:
-                    release_storage(tokens)
-            else:
-                # x and z as two planes of one allocation (see ``_in_proj_inference``).
-                x_plane, z = self._in_proj_inference(tokens, norm, out_dtype=half_dtype, planes=2)
-                if release_input:  # before conv1d allocates its output
-                    release_storage(tokens)
-                x = causal_conv1d_silu_tokens(x_plane, self.conv1d.weight, self.conv1d.bias)
-                # conv1d has read the x plane, which z's view keeps allocated until the scan is
-                # done: x_proj's rows go there, if it is contiguous, instead of into a buffer of their own.
-                rows_into = x_plane
-                del x_plane
-        else:
+        if torch.is_grad_enabled():
             if norm is not None:
                 tokens = layer_norm_tokens(tokens, norm.weight, norm.bias, norm.eps, sample_scale=sample_scale)
-            x_raw, z = linear_halves(tokens, self.in_proj.weight)
+            # in_proj, conv1d, x_proj and the scan as one autograd Function (see ``mamba_inner_triton``).
+            y = mamba_inner_triton(tokens, self.in_proj.weight, self.conv1d.weight, self.conv1d.bias,
+                                   self.x_proj.weight, self.dt_proj.weight, -torch.exp(self.A_log.float()), self.D,
+                                   self.dt_proj.bias)
+            return self._out_proj(y.transpose(1, 2), out_width)
+        # Under autocast, inference keeps the fused kernels and stores their activations in the
+        # autocast dtype (the scan state stays fp32).
+        half_dtype = _autocast_dtype(tokens.device.type)
+        rows_into = None
+        if low_memory_enabled():
+            # in_proj's halves one after the other, conv1d between them: x is gone before z exists,
+            # so the ViMM never holds x, z and u at once (see ``low_memory_inference``).
+            x_raw = self._in_proj_inference(tokens, norm, 0, out_dtype=half_dtype)
             x = causal_conv1d_silu_tokens(x_raw, self.conv1d.weight, self.conv1d.bias)
             del x_raw
-        dt_weight, A = self._scan_weights(no_grad)
-        if no_grad:
-            u = x.transpose(1, 2)
-            dt, B, C = self._x_proj_rows(x, rows_into)
-            del rows_into
-            # The scan writes y over u (each lane reads u_t before it stores y_t): no (B, L, E) buffer more.
-            y = selective_scan_lowrank_triton(u, dt, dt_weight, A, B, C, self.D, z.transpose(1, 2),
-                                              self.dt_proj.bias, delta_softplus=True, out=u)
-            del dt, B, C
+            z = self._in_proj_inference(tokens, norm, 1, out_dtype=half_dtype)
+            if release_input:
+                release_storage(tokens)
         else:
-            # x_proj inside the scan's autograd Function, whose backward adds x_proj's share of x's
-            # gradient into the scan's own.
-            y = selective_scan_projected_triton(x, self.x_proj.weight, dt_weight, A, self.D, z.transpose(1, 2),
-                                                self.dt_proj.bias, delta_softplus=True)
-        del z  # before out_proj allocates its output
+            # x and z as two planes of one allocation (see ``_in_proj_inference``).
+            x_plane, z = self._in_proj_inference(tokens, norm, out_dtype=half_dtype, planes=2)
+            if release_input:  # before conv1d allocates its output
+                release_storage(tokens)
+            x = causal_conv1d_silu_tokens(x_plane, self.conv1d.weight, self.conv1d.bias)
+            # conv1d has read the x plane, which z's view keeps allocated until the scan is done:
+            # x_proj's rows go there, if it is contiguous, instead of into a buffer of their own.
+            rows_into = x_plane
+            del x_plane
+        dt_weight, A = self._scan_weights()
+        u = x.transpose(1, 2)
+        dt, B, C = self._x_proj_rows(x, rows_into)
+        del rows_into
+        # The scan writes y over u (each lane reads u_t before it stores y_t): no (B, L, E) buffer more.
+        y = selective_scan_lowrank_triton(u, dt, dt_weight, A, B, C, self.D, z.transpose(1, 2), self.dt_proj.bias,
+                                          delta_softplus=True, out=u)
+        del dt, B, C, z  # before out_proj allocates its output
         return self._out_proj(y.transpose(1, 2), out_width)
 
-    def _scan_weights(self, no_grad: bool) -> Tuple[Tensor, Tensor]:
-        """dt_proj's weight (E, R) and A (E, N) for the Triton scan. The kernels read both transposed;
-        without autograd they are kept so (see ``derived_tensor``), which spares each call four small
-        kernels (A's exp and sign, two transposing copies)."""
-        if not no_grad:
-            return self.dt_proj.weight, -torch.exp(self.A_log.float())
+    def _scan_weights(self) -> Tuple[Tensor, Tensor]:
+        """dt_proj's weight (E, R) and A (E, N) for the Triton scan without autograd. The kernels read
+        both transposed, and they are kept so (see ``derived_tensor``), which spares each call four
+        small kernels (A's exp and sign, two transposing copies)."""
         weight = derived_tensor(self.dt_proj.weight, 'scan_t', lambda: self.dt_proj.weight.t().contiguous())
         A = derived_tensor(self.A_log, 'scan_t', lambda: (-torch.exp(self.A_log.float())).t().contiguous())
         return weight.t(), A.t()

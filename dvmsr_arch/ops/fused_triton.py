@@ -170,41 +170,55 @@ def _conv_grid(batch: int, length: int, inner: int, block_l: int, block_e: int):
     return (_cdiv(length, block_l), _cdiv(inner, block_e), batch)
 
 
-class _CausalConvSilu(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight, bias)
-        return _causal_conv_forward(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        batch, length, inner = x.shape
-        kernel = weight.shape[-1]
-        grid = _conv_grid(batch, length, inner, CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_E)
-        shape = dict(K=kernel, BLOCK_L=CONV_BWD_BLOCK_L, BLOCK_E=CONV_BWD_BLOCK_E, num_warps=CONV_BWD_WARPS)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        gpre = torch.empty(batch, length, inner, **f32)
-        dw_part = torch.empty(batch * grid[0], inner, kernel, **f32)
-        db_part = torch.empty(batch * grid[0], inner, **f32)
-        k = _kernels()
-        launch(k._causal_conv_silu_bwd_pre, grid, x, weight, bias if bias is not None else weight, dy, gpre, dw_part,
-               db_part, length, inner, grid[0], *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, **shape)
-        dx = torch.empty(batch, length, inner, **f32)
-        launch(k._causal_conv_bwd_dx, grid, gpre, weight, dx, length, inner, **shape)
-        dweight = dw_part.sum(0).view_as(weight).to(weight.dtype)
-        dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return dx.to(x.dtype), dweight, dbias
-
-
-def _causal_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def causal_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """:func:`causal_conv1d_silu_tokens` without autograd; ``weight`` contiguous."""
     batch, length, inner = x.shape
     y = torch.empty(batch, length, inner, device=x.device, dtype=x.dtype)
     launch(_kernels()._causal_conv_silu_fwd, _conv_grid(batch, length, inner, CONV_BLOCK_L, CONV_BLOCK_E),
         x, weight, bias if bias is not None else weight, y, length, inner, *x.stride(), *y.stride(),
         K=weight.shape[-1], BLOCK_L=CONV_BLOCK_L, BLOCK_E=CONV_BLOCK_E, HAS_BIAS=bias is not None)
     return y
+
+
+def causal_conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dy: Tensor,
+                         dx_into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients (fp32) of :func:`causal_conv1d_silu_tokens`'s x, weight and bias from its output's
+    ``dy`` (any strides). ``dx_into``: a (batch, L, E) fp32 view with unit channel stride and rows
+    evenly spaced (a slice of wider rows, say) that receives x's gradient."""
+    batch, length, inner = x.shape
+    kernel = weight.shape[-1]
+    grid = _conv_grid(batch, length, inner, CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_E)
+    shape = dict(K=kernel, BLOCK_L=CONV_BWD_BLOCK_L, BLOCK_E=CONV_BWD_BLOCK_E, num_warps=CONV_BWD_WARPS)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty(batch, length, inner, **f32) if dx_into is None else dx_into
+    row = dx.stride(1)
+    if dx.dtype != torch.float32 or dx.shape != x.shape or dx.stride() != (length * row, row, 1):
+        raise ValueError(f'causal_conv_backward: dx_into {tuple(dx.shape)} {dx.dtype} with strides {dx.stride()} '
+                         f'for x {tuple(x.shape)}: fp32 rows evenly spaced, channels adjacent')
+    gpre = torch.empty(batch, length, inner, **f32)
+    dw_part = torch.empty(batch * grid[0], inner, kernel, **f32)
+    db_part = torch.empty(batch * grid[0], inner, **f32)
+    k = _kernels()
+    launch(k._causal_conv_silu_bwd_pre, grid, x, weight, bias if bias is not None else weight, dy, gpre, dw_part,
+           db_part, length, inner, grid[0], *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, **shape)
+    launch(k._causal_conv_bwd_dx, grid, gpre, weight, dx, length, inner, row, **shape)
+    dweight = dw_part.sum(0).view_as(weight)
+    dbias = db_part.sum(0) if bias is not None else None
+    return dx, dweight, dbias
+
+
+class _CausalConvSilu(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return causal_conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = causal_conv_backward(x, weight, bias, dy)
+        return dx.to(x.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None
 
 
 def causal_conv1d_silu_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -216,7 +230,7 @@ def causal_conv1d_silu_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor])
     tensors = (x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _CausalConvSilu.apply(x, weight, bias)
-    return _causal_conv_forward(x, weight, bias)
+    return causal_conv_forward(x, weight, bias)
 
 
 def add_bias_skip_(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:

@@ -179,9 +179,10 @@ def _causal_conv_silu_bwd_pre(x_ptr, w_ptr, b_ptr, dy_ptr, gpre_ptr, dw_ptr, db_
 
 
 @triton.jit(do_not_specialize=['L'])
-def _causal_conv_bwd_dx(gpre_ptr, w_ptr, dx_ptr, L, E, K: tl.constexpr, BLOCK_L: tl.constexpr,
+def _causal_conv_bwd_dx(gpre_ptr, w_ptr, dx_ptr, L, E, dx_row, K: tl.constexpr, BLOCK_L: tl.constexpr,
                         BLOCK_E: tl.constexpr):
-    """dx_s = sum_k w_k gpre_{s+K-1-k}; gpre and dx (batch, L, E) contiguous."""
+    """dx_s = sum_k w_k gpre_{s+K-1-k}; gpre (batch, L, E) contiguous, dx (batch, L, E) in rows
+    ``dx_row`` apart (>= E)."""
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -192,7 +193,7 @@ def _causal_conv_bwd_dx(gpre_ptr, w_ptr, dx_ptr, L, E, K: tl.constexpr, BLOCK_L:
         g = tl.load(gpre_ptr + (pid_b * L + dst[:, None]) * E + e[None, :], mask=(dst < L)[:, None] & e_mask[None, :],
                     other=0.0)
         acc += g * tl.load(w_ptr + e * K + k, mask=e_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(dx_ptr + (pid_b * L + t[:, None]) * E + e[None, :], acc, mask=(t < L)[:, None] & e_mask[None, :])
+    tl.store(dx_ptr + (pid_b * L + t[:, None]) * dx_row + e[None, :], acc, mask=(t < L)[:, None] & e_mask[None, :])
 
 
 @triton.jit(do_not_specialize=['rows', 'L', 's_xb'])

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .launch import launch
@@ -291,11 +290,13 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
 
 def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tensor, B: Tensor,
                    C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
-                   states: Tensor, d_rows: Optional[Tensor] = None):
+                   states: Tensor, d_rows: Optional[Tensor] = None, dz_into: Optional[Tensor] = None):
     """Gradients (fp32) of u, delta (the raw pre-bias delta, or dt and dt_weight), A, B, C, D, z, bias.
 
     With dt_weight, the gradients of dt, B and C are views of one token-major (batch, L, R + 2N)
-    buffer, [dt, B, C] per token as x_proj makes them: ``d_rows`` if given, else a new one."""
+    buffer, [dt, B, C] per token as x_proj makes them: ``d_rows`` if given, else a new one.
+    ``dz_into``: a (batch, E, L) fp32 view of token rows 2E apart (the second half of [x, z] rows,
+    say) that receives z's gradient; u's and delta's then come as the two halves of such rows."""
     k = _kernels()
     cfg = BACKWARD_CONFIG
     if cfg.sequential and cfg.tile % 4:
@@ -336,8 +337,16 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
             decay, handed, carry, n_chunks, inner * state, REVERSE=True, BLOCK_C=_carry_block(n_chunks),
             BLOCK_S=CARRY_BLOCK_STATES)
 
-    # Token-major (batch, L, E) buffers seen as (batch, E, L).
-    du, ddelta, dz = (torch.empty(batch, length, inner, **f32).transpose(1, 2) for _ in range(3))
+    # Token-major (batch, L, E) buffers seen as (batch, E, L). The kernel writes the three at the
+    # same offsets, so with dz_into du and ddelta share its rows' spacing.
+    if dz_into is None:
+        du, ddelta, dz = (torch.empty(batch, length, inner, **f32).transpose(1, 2) for _ in range(3))
+    else:
+        pair = torch.empty(batch, length, 2 * inner, **f32)
+        du, ddelta, dz = pair[..., :inner].transpose(1, 2), pair[..., inner:].transpose(1, 2), dz_into
+        if dz.dtype != torch.float32 or dz.shape != du.shape or dz.stride() != du.stride():
+            raise ValueError(f'_scan_backward: dz_into {tuple(dz.shape)} {dz.dtype} with strides {dz.stride()}: '
+                             f'expected fp32 {tuple(du.shape)} with strides {du.stride()}')
     # One channel per lane and 16 states: each warp sums dB and dC over its own channels with
     # warp shuffles and writes its own partial slice. A slice holds [dB, dC] rows, so that one
     # reduction sums them into x_proj's row layout.
@@ -401,39 +410,6 @@ class _SelectiveScan(torch.autograd.Function):
         return (*_input_grads(ctx, grads, (u, delta, dt_weight, A, B, C, D, z, delta_bias)), None)
 
 
-class _ProjectedScan(torch.autograd.Function):
-    """The scan of u = x with [dt, B, C] = x_proj(x), for training (see
-    :func:`selective_scan_projected_triton`)."""
-
-    @staticmethod
-    def forward(ctx, x, proj_weight, dt_weight, A, D, z, delta_bias, softplus):
-        rank, state = dt_weight.shape[1], A.shape[1]
-        rows = F.linear(x, proj_weight)  # under autocast in its dtype, as the x_proj module would be
-        dt, B, C = _split_rows(rows, rank, state)
-        y, states = _scan_forward(x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, softplus, None,
-                                  save_states=True)
-        ctx.softplus = softplus
-        ctx.save_for_backward(x, proj_weight, rows, dt_weight, A, D, z, delta_bias, states)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, proj_weight, rows, dt_weight, A, D, z, delta_bias, states = ctx.saved_tensors
-        batch, length, inner = x.shape
-        rank, state = dt_weight.shape[1], A.shape[1]
-        dt, B, C = _split_rows(rows, rank, state)
-        d_rows = torch.empty(batch * length, rank + 2 * state, device=x.device, dtype=torch.float32)
-        du, _, d_weight, dA, _, _, dD, dz, dbias = _scan_backward(
-            dy, x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, ctx.softplus, states,
-            d_rows.view(batch, length, -1))
-        # u's gradient is a token-major buffer: x_proj's share goes into it in the same matmul.
-        dx = du.transpose(1, 2).reshape(batch * length, inner)
-        dx.addmm_(d_rows, proj_weight.float())
-        d_proj = d_rows.t() @ x.reshape(batch * length, inner).float()
-        grads = (dx.view(batch, length, inner), d_proj, d_weight, dA, dD, dz, dbias)
-        return (*_input_grads(ctx, grads, (x, proj_weight, dt_weight, A, D, z, delta_bias)), None)
-
-
 def _launch_on(device: torch.device) -> None:
     # Triton launches on the current device.
     if device.type == 'cuda' and device.index != torch.cuda.current_device():
@@ -470,25 +446,3 @@ def selective_scan_lowrank_triton(u: Tensor, dt: Tensor, dt_weight: Tensor, A: T
     itself (each z_t and u_t is read before y_t is written over it).
     """
     return _run(u, dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, out)
-
-
-def selective_scan_projected_triton(x: Tensor, proj_weight: Tensor, dt_weight: Tensor, A: Tensor,
-                                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False) -> Tensor:
-    """The low-rank scan of u = x (token-major (batch, L, E)) with dt, B and C from Mamba's x_proj:
-    [dt, B, C] = x @ proj_weight^T (proj_weight (R + 2N, E)). Returns y (batch, E, L).
-
-    For training: x feeds both the scan and x_proj, so autograd would sum its two (batch, L, E)
-    gradients in a pass of its own, and join the gradients of dt, B and C into x_proj's rows by a
-    copy. Here x_proj's share of x's gradient goes into the scan's u gradient by one addmm, and the
-    backward kernels' dt, B and C gradients land in those rows directly.
-    """
-    _launch_on(x.device)
-    A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)
-    tensors = (x, proj_weight, dt_weight, A, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _ProjectedScan.apply(x, proj_weight, dt_weight, A, D, z, delta_bias, delta_softplus)
-    rank, state = dt_weight.shape[1], A.shape[1]
-    dt, B, C = _split_rows(F.linear(x, proj_weight), rank, state)
-    return _scan_forward(x.transpose(1, 2), dt, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, None,
-                         save_states=False)[0]
