@@ -17,7 +17,8 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
               the forward), the CPU time to issue it, and gradients against float64 (true fp32, and
               under the autocast of --precision); ``--cuda-graph`` times replays of the whole step.
 ``profile``   PyTorch profiler, GPU kernel time per forward, per kernel; ``--memory-at-peak`` also lists
-              the buffers live at the peak of one forward.
+              the buffers live at the peak of one forward, ``--profile-shapes`` the operators by input
+              shapes.
 ``floor``     bytes and exp2 the released student must move and compute per size, and the times
               they take at given ceilings (no device needed).
 ``all``       report, scan, fidelity, train and profile in one process.
@@ -734,15 +735,15 @@ def device_ms(events, runs: int) -> float:
                if e.device_type == DeviceType.CUDA and not getattr(e, 'is_user_annotation', False)) / runs / 1e3
 
 
-def profiled(work: Callable[[], object], device: torch.device, warmup: int, runs: int):
+def profiled(work: Callable[[], object], device: torch.device, warmup: int, runs: int, record_shapes: bool = False):
     """The PyTorch profiler's record of ``runs`` calls of ``work`` after ``warmup`` calls outside it
-    (with the GPU's activity on CUDA)."""
+    (with the GPU's activity on CUDA; with ``record_shapes``, each operator's input shapes)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     for _ in range(warmup):
         work()
     synchronize(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=record_shapes) as prof:
         for _ in range(runs):
             work()
         synchronize(device)
@@ -769,13 +770,21 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                 x = torch.rand(1, 3, height, width, device=device) * PIXEL_RANGE[name]
                 work, mode, switches = partial(net, x), torch.inference_mode(), args.precision
             with mode, precision(switches, device):
-                prof = profiled(work, device, 3, args.profile_runs)
+                prof = profiled(work, device, 3, args.profile_runs, record_shapes=args.profile_shapes)
             key = f'{name}_{resolve_backend(backend, device) if name == "dvmsr" else "cudnn"}'
             sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
             table = prof.key_averages().table(sort_by=sort, row_limit=40 if args.profile_train else 25,
                                               max_name_column_width=70)
             results['tables'][key] = table
             print(table, flush=True)
+            if args.profile_shapes:
+                # The operators again, one row per operator and input shapes: which of, say, the
+                # step's 75 sums is the slow one.
+                table = prof.key_averages(group_by_input_shape=True).table(
+                    sort_by='device_time_total' if device.type == 'cuda' else 'cpu_time_total', row_limit=80,
+                    max_name_column_width=40, max_shapes_column_width=80)
+                results.setdefault('tables_by_shape', {})[key] = table
+                print(table, flush=True)
             total = device_ms(prof.events(), args.profile_runs)
             results.setdefault('gpu_ms_per_train_step' if args.profile_train else 'gpu_ms_per_forward', {})[key] = total
             print(f'profile {key}: GPU kernel time {total:.3f} ms per {what}', flush=True)
@@ -977,6 +986,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])
     parser.add_argument('--profile-train', action='store_true',
                         help='profile: training steps (--train-batch, --train-size) instead of forwards')
+    parser.add_argument('--profile-shapes', action='store_true',
+                        help="profile: also a table with one row per operator and input shapes")
     parser.add_argument('--memory-at-peak', action='store_true',
                         help='profile (CUDA): also list the buffers live at the peak of one more forward or step')
     parser.add_argument('--bandwidth-gbps', type=float, default=3890.0,
