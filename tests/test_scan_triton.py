@@ -433,6 +433,15 @@ def test_mamba_inner_function_matches_float64_ref(interpreted, case):
     assert max(result.values()) < TOL, result
 
 
+def test_sum_partials_sums_over_the_leading_axes():
+    from dvmsr_arch.ops.scan_triton import _sum_partials
+    torch.manual_seed(0)
+    parts = torch.randn(37, 5, 6, 4, dtype=torch.float64)
+    assert _sum_partials(parts).shape == (5, 6, 4)
+    assert torch.allclose(_sum_partials(parts), parts.sum(0))
+    assert torch.allclose(_sum_partials(parts, 2), parts.sum((0, 1)))
+
+
 @needs_triton
 def test_network_fp16_autocast_inference_on_triton_path(interpreted):
     # fp16 activations around an fp32 scan state: within fp16's resolution of the float64 network.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .launch import launch
-from .scan_triton import _cdiv, _pow2
+from .scan_triton import _cdiv, _pow2, _sum_partials
 
 # LayerNorm alone (training, and outside the mixers): rows a program and warps. Rows up to 64 wide
 # (the student's) take 8 rows and one warp: in a training step on an H100 the backward took 68 us a
@@ -110,7 +110,8 @@ class _LayerNorm(torch.autograd.Function):
         launch(_kernels()._layer_norm_bwd, (programs,), x, sample_scale if sample_scale is not None else weight,
                weight, dy, mean, rstd, dx, dw_part, db_part, rows, length, channels, *x.stride(), *dy.stride(),
                BLOCK_R=block_rows, BLOCK_C=_pow2(channels), HAS_SCALE=sample_scale is not None, num_warps=warps)
-        return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), None, None, None
+        return (dx.to(x.dtype), _sum_partials(dw_part).to(weight.dtype), _sum_partials(db_part).to(weight.dtype), None,
+                None, None)
 
 
 def layer_norm_tokens(x: Tensor, weight: Tensor, bias: Tensor, eps: float, width: Optional[int] = None,
@@ -202,8 +203,8 @@ def causal_conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dy: 
     launch(k._causal_conv_silu_bwd_pre, grid, x, weight, bias if bias is not None else weight, dy, gpre, dw_part,
            db_part, length, inner, grid[0], *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, **shape)
     launch(k._causal_conv_bwd_dx, grid, gpre, weight, dx, length, inner, row, **shape)
-    dweight = dw_part.sum(0).view_as(weight)
-    dbias = db_part.sum(0) if bias is not None else None
+    dweight = _sum_partials(dw_part).view_as(weight)
+    dbias = _sum_partials(db_part) if bias is not None else None
     return dx, dweight, dbias
 
 
