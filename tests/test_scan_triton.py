@@ -433,6 +433,16 @@ def test_mamba_inner_function_matches_float64_ref(interpreted, case):
     assert max(result.values()) < TOL, result
 
 
+@needs_triton
+def test_conv_backward_refuses_a_gradient_buffer_it_cannot_fill():
+    from dvmsr_arch.ops.fused_triton import causal_conv_backward
+    x, weight, bias, dy = torch.randn(2, 9, 6), torch.randn(6, 1, 4), torch.randn(6), torch.randn(2, 9, 6)
+    for bad in (torch.empty(2, 9, 12)[..., ::2],  # channels not adjacent
+                torch.empty(2, 9, 6, dtype=torch.float64), torch.empty(2, 8, 6)):
+        with pytest.raises(ValueError, match='dx_into'):
+            causal_conv_backward(x, weight, bias, dy, dx_into=bad)
+
+
 def test_sum_partials_sums_over_the_leading_axes():
     from dvmsr_arch.ops.scan_triton import _sum_partials
     torch.manual_seed(0)

@@ -52,7 +52,7 @@ class _MambaInner(torch.autograd.Function):
             states, d_rows, dz_into=d_xz[..., inner:].transpose(1, 2))
         du = du.transpose(1, 2)  # token rows 2E apart, beside delta's gradient
         flat_rows = d_rows.view(-1, width)
-        du.reshape(-1, inner).addmm_(flat_rows, proj_weight.float())  # x_proj's share, a view: in place
+        du.view(-1, inner).addmm_(flat_rows, proj_weight.float())  # x_proj's share, in place through the view
         d_proj = flat_rows.t() @ u.reshape(-1, inner).float()
         _, d_conv_weight, d_conv_bias = causal_conv_backward(xz[..., :inner], conv_weight, conv_bias, du,
                                                              dx_into=d_xz[..., :inner])

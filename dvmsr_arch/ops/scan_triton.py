@@ -329,6 +329,16 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     bias = delta_bias if delta_bias is not None else any_t
     z_or_u = z if z is not None else u
 
+    # Token-major (batch, L, E) buffers seen as (batch, E, L). The kernel writes the three at the
+    # same offsets, so with dz_into du and ddelta share its rows' spacing.
+    if dz_into is None:
+        du, ddelta, dz = (torch.empty(batch, length, inner, **f32).transpose(1, 2) for _ in range(3))
+    else:
+        pair = torch.empty(batch, length, 2 * inner, **f32)
+        du, ddelta, dz = pair[..., :inner].transpose(1, 2), pair[..., inner:].transpose(1, 2), dz_into
+        if dz.dtype != torch.float32 or dz.shape != du.shape or dz.stride() != du.stride():
+            raise ValueError(f'_scan_backward: dz_into {tuple(dz.shape)} {dz.dtype} with strides {dz.stride()}: '
+                             f'expected fp32 {tuple(du.shape)} with strides {du.stride()}')
     # The lane-per-channel kernels read dt/B/C rows with vector loads where they allow it, and prefetch.
     lane_extra = dict(ALIGNED=_rows_aligned(delta if rank else None, B, C, rank, state),
                       PREFETCH=cfg.prefetch) if cfg.sequential else {}
@@ -348,16 +358,6 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
             decay, handed, carry, n_chunks, inner * state, REVERSE=True, BLOCK_C=_carry_block(n_chunks),
             BLOCK_S=CARRY_BLOCK_STATES)
 
-    # Token-major (batch, L, E) buffers seen as (batch, E, L). The kernel writes the three at the
-    # same offsets, so with dz_into du and ddelta share its rows' spacing.
-    if dz_into is None:
-        du, ddelta, dz = (torch.empty(batch, length, inner, **f32).transpose(1, 2) for _ in range(3))
-    else:
-        pair = torch.empty(batch, length, 2 * inner, **f32)
-        du, ddelta, dz = pair[..., :inner].transpose(1, 2), pair[..., inner:].transpose(1, 2), dz_into
-        if dz.dtype != torch.float32 or dz.shape != du.shape or dz.stride() != du.stride():
-            raise ValueError(f'_scan_backward: dz_into {tuple(dz.shape)} {dz.dtype} with strides {dz.stride()}: '
-                             f'expected fp32 {tuple(du.shape)} with strides {du.stride()}')
     # One channel per lane and 16 states: each warp sums dB and dC over its own channels with
     # warp shuffles and writes its own partial slice. A slice holds [dB, dC] rows, so that one
     # reduction sums them into x_proj's row layout.
