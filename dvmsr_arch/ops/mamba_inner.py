@@ -18,20 +18,27 @@ from .fused_triton import causal_conv_backward, causal_conv_forward
 from .scan_triton import _f32, _input_grads, _launch_on, _scan_backward, _scan_forward, _split_rows
 
 
+def _inner_forward(tokens, in_weight, conv_weight, conv_bias, proj_weight, dt_weight, A, D, delta_bias,
+                   save_states: bool):
+    """in_proj's [x, z] rows, u, x_proj's rows, y and (with ``save_states``) the scan's saved states."""
+    inner = in_weight.shape[0] // 2
+    # One matmul for both halves (under autocast in its dtype, as in_proj would be): x and z are
+    # views of its rows, which conv1d and the scan read as they are.
+    xz = F.linear(tokens, in_weight)
+    u = causal_conv_forward(xz[..., :inner], conv_weight, conv_bias)
+    rows = F.linear(u, proj_weight)
+    dt, B, C = _split_rows(rows, dt_weight.shape[1], A.shape[1])
+    y, states = _scan_forward(u.transpose(1, 2), dt, dt_weight, A, B, C, D, xz[..., inner:].transpose(1, 2),
+                              delta_bias, True, None, save_states=save_states)
+    return xz, u, rows, y, states
+
+
 class _MambaInner(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, in_weight, conv_weight, conv_bias, proj_weight, dt_weight, A, D, delta_bias):
-        inner = in_weight.shape[0] // 2
-        rank, state = dt_weight.shape[1], A.shape[1]
-        # One matmul for both halves (under autocast in its dtype, as in_proj would be): x and z are
-        # views of its rows, which conv1d and the scan read as they are.
-        xz = F.linear(tokens, in_weight)
-        u = causal_conv_forward(xz[..., :inner], conv_weight, conv_bias)
-        rows = F.linear(u, proj_weight)
-        dt, B, C = _split_rows(rows, rank, state)
-        y, states = _scan_forward(u.transpose(1, 2), dt, dt_weight, A, B, C, D, xz[..., inner:].transpose(1, 2),
-                                  delta_bias, True, None, save_states=True)
+        xz, u, rows, y, states = _inner_forward(tokens, in_weight, conv_weight, conv_bias, proj_weight, dt_weight, A,
+                                                D, delta_bias, save_states=True)
         ctx.save_for_backward(tokens, in_weight, xz, conv_weight, conv_bias, proj_weight, u, rows, dt_weight, A, D,
                               delta_bias, states)
         return y
@@ -82,9 +89,4 @@ def mamba_inner_triton(tokens: Tensor, in_weight: Tensor, conv_weight: Tensor, c
     tensors = (tokens, in_weight, conv_weight, conv_bias, proj_weight, dt_weight, A, D, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _MambaInner.apply(*tensors)
-    inner = in_weight.shape[0] // 2
-    xz = F.linear(tokens, in_weight)
-    u = causal_conv_forward(xz[..., :inner], conv_weight, conv_bias)
-    dt, B, C = _split_rows(F.linear(u, proj_weight), dt_weight.shape[1], A.shape[1])
-    return _scan_forward(u.transpose(1, 2), dt, dt_weight, A, B, C, D, xz[..., inner:].transpose(1, 2), delta_bias,
-                         True, None, save_states=False)[0]
+    return _inner_forward(*tensors, save_states=False)[3]
