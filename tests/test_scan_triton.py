@@ -212,6 +212,22 @@ def fused_case():
     with poisoned_empty():
         out = add_bias_skip_(y, bias, skip)
     result['add_bias_skip'] = max_rel(y, ref) if out is y else float('inf')
+    # The same under autograd, as training runs it: into a convolution's output image, whose gradient,
+    # the skip's and the bias's (a sum over the pixels) come from the output's.
+    from dvmsr_arch.ops.fused_triton import add_bias_skip_image
+    x = torch.randn(2, 8, 7, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.randn(12, 8, 3, 3).requires_grad_(), torch.randn(12).requires_grad_()
+    skip = torch.randn(2, 70, 24)[..., ::2].requires_grad_()
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias, skip)]
+    ref = F.conv2d(*leaves64[:3], padding=1).flatten(2).transpose(1, 2) + leaves64[3]
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    with poisoned_empty():
+        out = add_bias_skip_image(F.conv2d(x, weight, padding=1), bias, skip)
+        out.backward(grad.float())
+    result['add_bias_skip_image'] = max_rel(out.detach(), ref.detach())
+    result.update({f'add_bias_skip_image_grad_{name}': max_rel(leaf.grad, leaf64.grad)
+                   for name, leaf, leaf64 in zip(('x', 'weight', 'bias', 'skip'), (x, weight, bias, skip), leaves64)})
 
     # The upsampler's tail: bias, PixelShuffle and the mean in one pass, for each scale; channels-last
     # input whose width (37) leaves a partial block.
@@ -472,7 +488,7 @@ def test_scan_half_precision_inputs_keep_fp32_state(interpreted):
 @needs_triton
 def test_layer_norm_and_causal_conv_kernels(interpreted):
     result = interpreted['fused']
-    assert ({'add_bias_skip', 'ln_linear_60_half', 'ln_linear_192', 'ln_linear_60_planes', 'linear_60_planes',
+    assert ({'add_bias_skip', 'add_bias_skip_image_grad_bias', 'ln_linear_60_half', 'ln_linear_192', 'ln_linear_60_planes', 'linear_60_planes',
              'conv_grad_weight', 'conv_130_k3_grad_x'}
             | {f'pixel_shuffle_image_x{factor}' for factor in (2, 3, 4)} <= set(result))
     assert max(result.values()) < TOL, result

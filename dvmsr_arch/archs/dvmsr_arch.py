@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from dvmsr_arch.ops import causal_conv1d_silu, check_backend_name, resolve_backend, selective_scan
-from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_tokens, layer_norm_linear_tokens,
-                                        layer_norm_tokens, low_memory_enabled, pixel_shuffle_image)
+from dvmsr_arch.ops.fused_triton import (add_bias_skip_, add_bias_skip_image, causal_conv1d_silu_tokens,
+                                        layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled,
+                                        pixel_shuffle_image)
 from dvmsr_arch.ops.mamba_inner import mamba_inner_triton
 from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
 
@@ -106,11 +107,17 @@ def conv_plus_skip(conv: nn.Conv2d, tokens: Tensor, size: Tuple[int, int], skip:
     ``CONV_CHANNEL_MULTIPLE``). For inference the convolution then runs without its bias, and one
     Triton pass adds bias and skip (in fp32, stored in the convolution's dtype), where PyTorch would
     add a cuDNN convolution's bias in a pass of its own; ``out_width`` asks for the result padded
-    with zero columns too. Under autograd the result is C wide.
+    with zero columns too. Under autograd the result is C wide, and the same pass adds bias and
+    skip where their dtypes agree.
     """
     x = tokens_to_images(tokens, size)
-    if not fused or records(conv, x) or conv.bias is None:
+    if not fused or conv.bias is None:
         return images_to_tokens(conv_any_width(conv, x)) + skip
+    if records(conv, x):
+        y = conv_on_padded(conv, x, None)
+        if y.dtype != skip.dtype:  # autocast: as the convolution would add its bias, in y's dtype
+            return images_to_tokens(y + conv.bias.to(y.dtype).view(-1, 1, 1)) + skip
+        return add_bias_skip_image(y, conv.bias, skip)
     y = images_to_tokens(conv_on_padded(conv, x, None, out_width))
     if y.dtype != skip.dtype:
         return y[..., :conv.out_channels] + conv.bias + skip

@@ -250,6 +250,37 @@ def add_bias_skip_(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
     return y
 
 
+class _AddBiasSkip(torch.autograd.Function):
+    """``add_bias_skip_`` under autograd, for a convolution's output image ``y`` (batch, C, H, W),
+    which the convolution's backward does not read, so it may change in place."""
+
+    @staticmethod
+    def forward(ctx, y, bias, skip):
+        ctx.mark_dirty(y)
+        add_bias_skip_(y.flatten(2).transpose(1, 2), bias, skip)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_bias = None
+        if ctx.needs_input_grad[1]:
+            # Over the pixels as rows of C values: a view for channels-last gradients.
+            d_bias = _sum_partials(grad.permute(0, 2, 3, 1), axes=3)
+        return grad, d_bias, grad.flatten(2).transpose(1, 2)
+
+
+def add_bias_skip_image(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
+    """``y + bias + skip`` as tokens (batch, H*W, C), written into ``y``, a convolution's output image
+    (batch, C, H, W) without its bias; skip (batch, H*W, C) tokens. Under autograd too: in a
+    training step this one pass replaces cuDNN's bias pass and the skip addition's, and the bias's
+    gradient is a matrix-vector product instead of cuDNN's reduction (docs/performance.md, version 21)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, bias, skip)):
+        y = _AddBiasSkip.apply(y, bias, skip)
+    else:
+        add_bias_skip_(y.flatten(2).transpose(1, 2), bias, skip)
+    return y.flatten(2).transpose(1, 2)
+
+
 def pixel_shuffle_image(y: Tensor, bias: Tensor, mean: Tensor, scale: float, factor: int) -> Tensor:
     """``mean + scale * pixel_shuffle(y + bias, factor)`` in one pass, for inference: y (batch, K, H, W)
     of any strides (a convolution's output, channels-last typically) before its bias (K), mean
