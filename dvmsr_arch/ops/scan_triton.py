@@ -64,6 +64,11 @@ CARRY_BLOCK_STATES = 16
 STATE_CHANNEL_STRIDE = 1
 
 
+def _state_stride(cfg: ScanConfig) -> Tuple[int, ...]:
+    """The saved states' channel stride, an argument of the lane kernels only."""
+    return (STATE_CHANNEL_STRIDE,) if cfg.sequential else ()
+
+
 def set_configs(forward: Optional[ScanConfig] = None, backward: Optional[ScanConfig] = None) -> None:
     """Replace the kernel shapes (the benchmark compares several)."""
     global FORWARD_CONFIG, BACKWARD_CONFIG
@@ -264,7 +269,7 @@ def _scan_forward(u: Tensor, delta: Tensor, dt_weight: Optional[Tensor], A: Tens
     states = None
     z_or_u = z if z is not None else u
     strides = (*u.stride(), *delta.stride(), *B.stride())  # the summary pass's
-    state_stride = (STATE_CHANNEL_STRIDE,) if FORWARD_CONFIG.sequential else ()  # the lane kernels take it
+    state_stride = _state_stride(FORWARD_CONFIG)
 
     def output_args(n_chunks: int, n_tiles: int, tiles: int, carry_in: Tensor = any_t) -> list:
         return [u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, out, carry_in,
@@ -368,12 +373,11 @@ def _scan_backward(dy: Tensor, u: Tensor, delta: Tensor, dt_weight: Optional[Ten
     dA_part = torch.empty(batch, n_chunks, state, inner, **f32)
     dD_part, dbias_part = (torch.empty(batch, n_chunks, inner, **f32) for _ in range(2))
     grads = k._bwd_chunk_grads_lanes if cfg.sequential else k._bwd_chunk_grads
-    state_stride = (STATE_CHANNEL_STRIDE,) if cfg.sequential else ()  # the lane kernels take it
     launch(grads, grid, u, delta, w, bias, A, B, C, D if D is not None else any_t, z_or_u, dy, states, carry, du,
            ddelta, dz, dBC_part, dBC_part[..., state:], dA_part, dD_part, dbias_part, length, inner, state, 2 * state,
-           batch, n_chunks, n_tiles, cfg.tiles_per_chunk, *state_stride, *u.stride(), *delta.stride(), *B.stride(),
-           *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None, HAS_Z=z is not None,
-           HAS_CARRY=n_chunks > 1, **shapes, **grads_extra, **_register_cap(cfg.output_registers))
+           batch, n_chunks, n_tiles, cfg.tiles_per_chunk, *_state_stride(cfg), *u.stride(), *delta.stride(),
+           *B.stride(), *C.stride(), *z_or_u.stride(), *dy.stride(), *du.stride(), HAS_D=D is not None,
+           HAS_Z=z is not None, HAS_CARRY=n_chunks > 1, **shapes, **grads_extra, **_register_cap(cfg.output_registers))
     dA = dA_part.sum((0, 1)).t()
     dD = _sum_partials(dD_part, 2) if D is not None else None
     dbias = _sum_partials(dbias_part, 2) if delta_bias is not None else None
