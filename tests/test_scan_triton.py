@@ -391,6 +391,12 @@ def run_all_cases():
     results['lowrank_packed_rows_warp_sums'] = scan_case(1, 40, 16, 37, 4, token_major=True, with_extras=True,
                                                          packed=True)
     results['mamba_inner_warp_sums'] = mamba_inner_case(1, 20, 40, 16, 37, 4)
+    # Four warps a program, as the default backward runs: each warp sums over its own 32 lanes, and
+    # E=150 leaves the second program's last three warps without a channel.
+    scan_triton.set_configs(backward=ScanConfig(tile=4, block_e=128, tiles_per_chunk=2, num_warps=4, sequential=True,
+                                                prefetch=8))
+    results['lowrank_packed_rows_warp_sums_4_warps'] = scan_case(1, 150, 16, 37, 4, token_major=True,
+                                                                 with_extras=True, packed=True)
     scan_triton.set_configs(lanes, backward_lanes)
     results['mamba_inner'] = mamba_inner_case(2, 3, 6, 3, 21, 2)
     # fp16 rows as the network lays them out under autocast: [dt, B, C] starting on 16 bytes (R = N = 8),
@@ -420,7 +426,8 @@ def interpreted():
 @needs_triton
 @pytest.mark.parametrize('case', ['full_delta_channel_major', 'plain_no_D_z_bias_softplus',
                                   'lowrank_token_major_associative', 'lowrank_token_major_sequential',
-                                  'lowrank_packed_rows_sequential', 'lowrank_packed_rows_warp_sums'])
+                                  'lowrank_packed_rows_sequential', 'lowrank_packed_rows_warp_sums',
+                                  'lowrank_packed_rows_warp_sums_4_warps'])
 def test_scan_matches_float64_ref(interpreted, case):
     result = interpreted[case]
     # The packed cases must take the 128-bit row-load path, the others the general one.

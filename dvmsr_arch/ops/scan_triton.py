@@ -47,16 +47,18 @@ class ScanConfig:
 
 # The shapes measured and checked against float64 on a GPU (docs/performance.md). Forward: the
 # lane-per-channel kernels (one channel per thread, its states in registers, each token's inputs
-# read one token ahead). Backward: lane-per-channel too, one warp of 32 channels per program and
-# tiles of 4 tokens (the fastest training step of a sweep; the (T, E, N) block kernels took twice
-# as long). Under autograd the forward pass runs with the backward's tile, because the backward
+# read one token ahead). Backward: lane-per-channel too, tiles of 4 tokens (the fastest training
+# step of a sweep; the (T, E, N) block kernels took twice as long), and four warps of 32 channels
+# per program, whose warps then read the same [dt, B, C] rows on one SM: the gradients kernel took
+# 1.43 ms a call in a training step on an H100 against 1.54-1.55 ms with one warp per program
+# (docs/performance.md, version 21). Under autograd the forward pass runs with the backward's tile, because the backward
 # restarts from the states saved at every tile start. Both prefetch 8 tokens ahead: without it the
 # kernels spent most of their stalls waiting on those loads. The forward lengthens its chunks to fill
 # whole waves of the GPU: at LR 339x510 on an H100 that took its two passes from 220 + 149 to 197 +
 # 133 us per call.
 FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True, prefetch=8,
                             whole_waves=True)
-BACKWARD_CONFIG = ScanConfig(tile=4, block_e=32, tiles_per_chunk=64, num_warps=1, sequential=True, prefetch=8)
+BACKWARD_CONFIG = ScanConfig(tile=4, block_e=128, tiles_per_chunk=64, num_warps=4, sequential=True, prefetch=8)
 CARRY_BLOCK_CHUNKS = 256
 CARRY_BLOCK_STATES = 16
 # The saved states are (batch, n_tiles, N, E) blocks, contiguous: each state's row of channels is E

@@ -808,9 +808,11 @@ def _bwd_lane_state(h, t, u_ptr, delta_ptr, B_ptr, s_ub, s_ue, s_ul, s_db, s_de,
 @triton.jit
 def _butterfly(x, lane, MASK: tl.constexpr):
     """Each lane's ``x`` as lane ^ MASK holds it: one warp shuffle per register. Under the
-    interpreter, the same with a gather along the channel axis."""
+    interpreter, the same with a gather along the channel axis: row r takes row r ^ MASK, which is
+    lane ^ MASK of r's own warp (MASK < 32), in programs of several warps too."""
     if INTERPRETED:
-        return tl.gather(x, tl.broadcast_to((lane ^ MASK)[:, None], x.shape), 0)
+        row = tl.arange(0, x.shape[0])
+        return tl.gather(x, tl.broadcast_to((row ^ MASK)[:, None], x.shape), 0)
     else:
         if MASK == 16:
             asm: tl.constexpr = "shfl.sync.bfly.b32 $0, $1, 16, 0x1f, -1;"
