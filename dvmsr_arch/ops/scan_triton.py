@@ -48,14 +48,14 @@ class ScanConfig:
 # The shapes measured and checked against float64 on a GPU (docs/performance.md). Forward: the
 # lane-per-channel kernels (one channel per thread, its states in registers, each token's inputs
 # read one token ahead). Backward: lane-per-channel too, tiles of 4 tokens (the fastest training
-# step of a sweep; the (T, E, N) block kernels took twice as long), and four warps of 32 channels
-# per program, whose warps then read the same [dt, B, C] rows on one SM: the gradients kernel took
-# 1.43 ms a call in a training step on an H100 against 1.54-1.55 ms with one warp per program
-# (docs/performance.md, version 21). Under autograd the forward pass runs with the backward's tile, because the backward
-# restarts from the states saved at every tile start. Both prefetch 8 tokens ahead: without it the
-# kernels spent most of their stalls waiting on those loads. The forward lengthens its chunks to fill
-# whole waves of the GPU: at LR 339x510 on an H100 that took its two passes from 220 + 149 to 197 +
-# 133 us per call.
+# step of a sweep; the (T, E, N) block kernels took twice as long), and four warps of 32 channels a
+# program, which read the same [dt, B, C] rows on one SM: in a training step on an H100 the
+# gradients kernel took 1.43 ms a call against 1.54-1.55 ms with one warp a program (version 21).
+# Under autograd the forward pass runs with the backward's tile, because the backward restarts from
+# the states saved at every tile start, and with its programs of channels. Both prefetch 8 tokens
+# ahead: without it the kernels spent most of their stalls waiting on those loads. The forward
+# lengthens its chunks to fill whole waves of the GPU: at LR 339x510 on an H100 that took its two
+# passes from 220 + 149 to 197 + 133 us per call.
 FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True, prefetch=8,
                             whole_waves=True)
 BACKWARD_CONFIG = ScanConfig(tile=4, block_e=128, tiles_per_chunk=64, num_warps=4, sequential=True, prefetch=8)
@@ -217,9 +217,13 @@ def _forward_plan(u: Tensor, rank: int, state: int, aligned: bool, flags: tuple,
     has_bias, softplus, has_D, has_z = flags
     k = _kernels()
     cfg = FORWARD_CONFIG
-    if save_states and cfg.tile != BACKWARD_CONFIG.tile:
+    if save_states:
+        # The backward's tile, whose start states it saves, and its programs of channels: at the
+        # training size the output pass took 426 us a call with four warps of 32 channels against
+        # 452 us with inference's two (H100, docs/performance.md, version 21).
         chunk = cfg.tile * cfg.tiles_per_chunk
-        cfg = replace(cfg, tile=BACKWARD_CONFIG.tile, tiles_per_chunk=max(1, chunk // BACKWARD_CONFIG.tile))
+        cfg = replace(cfg, tile=BACKWARD_CONFIG.tile, tiles_per_chunk=max(1, chunk // BACKWARD_CONFIG.tile),
+                      block_e=BACKWARD_CONFIG.block_e, num_warps=BACKWARD_CONFIG.num_warps)
     batch, inner, length = u.shape
     n_tiles, tiles = _cdiv(length, cfg.tile), cfg.tiles_per_chunk
     n_chunks = _cdiv(n_tiles, tiles)
