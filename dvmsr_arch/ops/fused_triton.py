@@ -271,14 +271,10 @@ class _AddBiasSkip(torch.autograd.Function):
 
 def add_bias_skip_image(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
     """``y + bias + skip`` as tokens (batch, H*W, C), written into ``y``, a convolution's output image
-    (batch, C, H, W) without its bias; skip (batch, H*W, C) tokens. Under autograd too: in a
-    training step this one pass replaces cuDNN's bias pass and the skip addition's, and the bias's
-    gradient is a matrix-vector product instead of cuDNN's reduction (docs/performance.md, version 21)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, bias, skip)):
-        y = _AddBiasSkip.apply(y, bias, skip)
-    else:
-        add_bias_skip_(y.flatten(2).transpose(1, 2), bias, skip)
-    return y.flatten(2).transpose(1, 2)
+    (batch, C, H, W) without its bias; skip (batch, H*W, C) tokens; with autograd. In a training step
+    this one pass replaces cuDNN's bias pass and the skip addition's, and the bias's gradient is a
+    matrix-vector product instead of cuDNN's reduction (docs/performance.md, version 21)."""
+    return _AddBiasSkip.apply(y, bias, skip).flatten(2).transpose(1, 2)
 
 
 def pixel_shuffle_image(y: Tensor, bias: Tensor, mean: Tensor, scale: float, factor: int) -> Tensor:
