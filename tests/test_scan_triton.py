@@ -141,8 +141,8 @@ def mamba_inner_case(batch, channels, inner, state, length, rank):
 def fused_case():
     import torch.nn.functional as F
 
-    from dvmsr_arch.ops.fused_triton import (add_bias_skip_, causal_conv1d_silu_tokens, layer_norm_linear_tokens,
-                                             layer_norm_tokens, pixel_shuffle_image)
+    from dvmsr_arch.ops.fused_triton import (add_bias_skip_, add_bias_skip_image, causal_conv1d_silu_tokens,
+                                             layer_norm_linear_tokens, layer_norm_tokens, pixel_shuffle_image)
     result = {}
     # LayerNorm over 6 channels (BLOCK_C 8), rows not a multiple of the row block, strided input.
     x = torch.randn(2, 6, 37).transpose(1, 2).requires_grad_()
@@ -214,7 +214,6 @@ def fused_case():
     result['add_bias_skip'] = max_rel(y, ref) if out is y else float('inf')
     # The same under autograd, as training runs it: into a convolution's output image, whose gradient,
     # the skip's and the bias's (a sum over the pixels) come from the output's.
-    from dvmsr_arch.ops.fused_triton import add_bias_skip_image
     x = torch.randn(2, 8, 7, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
     weight, bias = torch.randn(12, 8, 3, 3).requires_grad_(), torch.randn(12).requires_grad_()
     skip = torch.randn(2, 70, 24)[..., ::2].requires_grad_()
