@@ -1,5 +1,6 @@
 """DistillSRModel's loss, teacher handling, adapter and EMA, checked against hand computations."""
 import copy
+import types
 
 import pytest
 import torch
@@ -140,6 +141,27 @@ def test_ema_follows_the_student(tmp_path):
         torch.testing.assert_close(value, 0.5 * ema_before[key] + 0.5 * student[key])
         changed += not torch.equal(value, ema_before[key])
     assert changed > 0
+
+
+@pytest.mark.parametrize('decay', [0.999, 0.5])
+def test_ema_update_is_basicsrs_to_the_bit(tmp_path, decay):
+    """The multi-tensor EMA update (dvmsr_arch.compat) gives exactly the numbers of basicsr's
+    per-parameter loop, starting from an EMA that the steps have moved away from the student."""
+    from dvmsr_arch.compat import _model_ema
+    torch.manual_seed(0)
+    model = DistillSRModel(make_opt(tmp_path, save_teacher(tmp_path / 't.pth'), ema_decay=decay))
+    for step in range(2):
+        model.feed_data(batch(step))
+        model.optimize_parameters(step + 1)  # its own EMA update: the patched one
+    loop = types.SimpleNamespace(net_g=model.net_g, net_g_ema=copy.deepcopy(model.net_g_ema),
+                                 get_bare_model=model.get_bare_model)
+    model.model_ema(decay)
+    _model_ema(loop, decay)
+    pairs = list(zip(model.net_g_ema.parameters(), loop.net_g_ema.parameters()))
+    assert len(pairs) == len(list(model.net_g.parameters()))
+    assert all(torch.equal(patched, looped) for patched, looped in pairs)
+    assert not all(torch.equal(ema, student) for ema, student in zip(model.net_g_ema.parameters(),
+                                                                      model.net_g.parameters()))
 
 
 @pytest.mark.parametrize('layout, param_key', [('params_ema', 'params_ema'), ('params', 'params_ema'),
