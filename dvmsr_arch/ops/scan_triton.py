@@ -108,7 +108,24 @@ def _sum_partials(parts: Tensor, axes: int = 1) -> Tensor:
     (docs/performance.md, 20e)."""
     rows = math.prod(parts.shape[:axes])
     flat = parts.reshape(rows, -1)
-    return torch.mv(flat.t(), flat.new_ones(rows)).view(parts.shape[axes:])
+    return torch.mv(flat.t(), _ones(rows, flat)).view(parts.shape[axes:])
+
+
+_ones_vectors = {}
+
+
+def _ones(rows: int, like: Tensor) -> Tensor:
+    """A vector of ``rows`` ones on ``like``'s device and dtype, kept for the process: a training step
+    sums 57 sets of partials, and a new vector each time was a fill kernel each. There are a few
+    row counts per training geometry. None is kept from inside a CUDA graph's capture, whose fill
+    runs only on replay; and none is ever dropped, since a captured graph may read it."""
+    key = (rows, like.device, like.dtype)
+    ones = _ones_vectors.get(key)
+    if ones is None:
+        ones = like.new_ones(rows)
+        if not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _ones_vectors[key] = ones
+    return ones
 
 
 def _pow2(n: int) -> int:
