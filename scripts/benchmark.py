@@ -15,7 +15,9 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
 ``fidelity``  true-fp32 max difference to the float64 path, and Set5 PSNR in every precision mode.
 ``train``     one training step (batch 64, LR 64x64, fwd + bwd + Adam; under fp16/bf16 autocast around
               the forward), the CPU time to issue it, and gradients against float64 (true fp32, and
-              under the autocast of --precision); ``--cuda-graph`` times replays of the whole step.
+              under the autocast of --precision); ``--cuda-graph`` times replays of the whole step;
+              ``--basicsr-option FILE`` also whole iterations of BasicSR's model for an option file
+              (losses, optimizer and EMA update as it sets them, without data loading).
 ``profile``   PyTorch profiler, GPU kernel time per forward, per kernel; ``--memory-at-peak`` also lists
               the buffers live at the peak of one forward, ``--profile-shapes`` the operators by input
               shapes.
@@ -595,7 +597,8 @@ def run_fidelity(args, device: torch.device) -> Dict[str, object]:
 
 
 def train_step(name: str, device: torch.device, backend: str, batch: int, size: Tuple[int, int],
-               channels_last: bool, mode: str = 'tf32', graphed: bool = False) -> Callable[[], None]:
+               channels_last: bool, mode: str = 'tf32', graphed: bool = False,
+               adam: str = 'foreach') -> Callable[[], None]:
     """One optimisation step of ``name`` (L1 loss, Adam) on fixed random LR/HR tensors.
 
     Under ``fp16``/``bf16`` the forward and the loss run under autocast, entered afresh each step as a
@@ -603,10 +606,12 @@ def train_step(name: str, device: torch.device, backend: str, batch: int, size: 
     half-precision copies it cached at the first step. The TF32 switches are the caller's
     (``precision``). ``graphed`` captures the step as one CUDA graph on its first call (PyTorch's
     whole-network capture, Adam with ``capturable=True``); later calls replay it, without the host.
+    ``adam``: PyTorch's multi-tensor Adam (``foreach``, its default on a GPU and BasicSR's) or its
+    one-kernel ``fused`` one.
     """
     torch.manual_seed(0)
     net = build_model(name, device, backend, None, channels_last).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, capturable=graphed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, capturable=graphed, **{adam: True})
     height, width = size
     scale = PIXEL_RANGE[name]
     lr = torch.rand(batch, 3, height, width, device=device) * scale
@@ -647,6 +652,75 @@ def train_step(name: str, device: torch.device, backend: str, batch: int, size: 
     return graphed_step
 
 
+def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: Tuple[int, int],
+                      ema_update: str = 'dvmsr') -> Tuple[Callable[[], None], object]:
+    """One iteration of BasicSR's own model, built from ``option_file`` (its ``model_type``,
+    ``network_g`` and ``train`` section: losses, optimizer, EMA), on fixed random patches:
+    ``feed_data`` and ``optimize_parameters``, which waits for the GPU to log the losses and then
+    updates the EMA copy. That is what a training run spends on an iteration apart from loading
+    data. The precision switches are the caller's; the network keeps BasicSR's NCHW layout.
+    ``ema_update='basicsr'`` puts back basicsr's own per-parameter EMA update (see
+    ``dvmsr_arch.compat``) to measure what the project's saves. Returns the step and the model."""
+    import logging
+
+    import yaml
+    from basicsr.models import build_model as build_basicsr_model
+
+    from dvmsr_arch import compat
+    with open(option_file) as f:
+        opt = yaml.safe_load(f)
+    if opt.get('model_type') == 'DistillSRModel':
+        raise SystemExit(f'--basicsr-option {option_file}: a distillation needs a trained teacher; '
+                         'time its student alone with an SRModel option file')
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=int(device.type == 'cuda'))
+    opt['path'] = {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None}
+    logging.getLogger('basicsr').setLevel(logging.WARNING)  # its network summary would fill the output
+    torch.manual_seed(0)
+    model = build_basicsr_model(opt)
+    if ema_update == 'basicsr':
+        model.model_ema = compat._model_ema.__get__(model)
+    height, width = size
+    data = {'lq': torch.rand(batch, 3, height, width, device=device),
+            'gt': torch.rand(batch, 3, height * opt['scale'], width * opt['scale'], device=device)}
+    iteration = [0]
+
+    def step():
+        iteration[0] += 1
+        model.feed_data(data)
+        model.optimize_parameters(iteration[0])
+    return step, model
+
+
+def time_basicsr_iterations(args, device: torch.device, size: Tuple[int, int]) -> Dict[str, Dict[str, float]]:
+    """BasicSR's iteration for ``--basicsr-option``, with the project's EMA update and with basicsr's
+    own, timed in turns (one iteration of each, repeatedly), so that both see the same state of the
+    machine; then each EMA update alone, from an idle GPU, which is how an iteration meets it (the
+    loss logging before it waits for the GPU)."""
+    name = osp.splitext(osp.basename(args.basicsr_option))[0]
+    models = {update: basicsr_iteration(args.basicsr_option, device, args.train_batch, size, update)
+              for update in ('dvmsr', 'basicsr')}
+    times: Dict[str, List[float]] = {update: [] for update in models}
+    with precision(_tf32_switches(args.precision), device):
+        for _ in range(args.warmup):
+            for step, _model in models.values():
+                step()
+        for _ in range(args.repeats):
+            for update, (step, _model) in models.items():
+                times[update] += time_calls(step, device, 0, 1)
+    results = {}
+    for update, (step, model) in models.items():
+        decay = model.ema_decay
+        ema_times = time_calls(lambda model=model, decay=decay: model.model_ema(decay), device, args.warmup,
+                               args.repeats) if decay > 0 else None
+        key = f'basicsr_{name}_ema_{update}'
+        results[key] = summary(times[update])
+        if ema_times:
+            results[key]['ema_update_median_ms'] = statistics.median(ema_times)
+        print(f'train step {key}: median {results[key]["median_ms"]:.2f} ms'
+              + (f', EMA update {statistics.median(ema_times):.3f} ms' if ema_times else ''), flush=True)
+    return results
+
+
 def _tf32_switches(mode: str) -> str:
     """The precision mode whose TF32 switches ``mode`` uses, without its autocast (see ``train_step``)."""
     return mode if mode in ('fp32', 'tf32-conv') else 'tf32'
@@ -664,14 +738,15 @@ def run_train(args, device: torch.device) -> Dict[str, object]:
     results: Dict[str, object] = {'machine': machine_info(device), 'cudnn_benchmark': args.cudnn_benchmark,
                                   'batch': args.train_batch,
                                   'lr_size': args.train_size, 'precision': args.precision,
-                                  'channels_last': args.channels_last, 'steps': {}}
+                                  'channels_last': args.channels_last, 'adam': args.adam, 'steps': {}}
     size = parse_size(args.train_size)
     runs = [('dvmsr', backend) for backend in args.train_backends
             if backend == 'auto' or backend in available_backends(device)] + [('rlfn', 'auto')]
     graphed = args.cuda_graph and device.type == 'cuda'
     results['cuda_graph'] = graphed
     for name, backend in runs:
-        step = train_step(name, device, backend, args.train_batch, size, args.channels_last, args.precision, graphed)
+        step = train_step(name, device, backend, args.train_batch, size, args.channels_last, args.precision, graphed,
+                          args.adam)
         with precision(_tf32_switches(args.precision), device):
             times = time_calls(step, device, args.warmup, args.repeats)
             memory = peak_memory_mib(step, device)
@@ -684,6 +759,8 @@ def run_train(args, device: torch.device) -> Dict[str, object]:
         print(f'train step {key}: median {results["steps"][key]["median_ms"]:.2f} ms'
               + (f', host {statistics.median(host):.2f} ms to issue' if host else ''), flush=True)
         del step
+    if args.basicsr_option:
+        results['steps'].update(time_basicsr_iterations(args, device, size))
     if 'rlfn' in results['steps']:
         for key, entry in results['steps'].items():
             entry['ratio_to_rlfn'] = entry['median_ms'] / results['steps']['rlfn']['median_ms']
@@ -763,7 +840,7 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                 continue
             if args.profile_train:
                 work = train_step(name, device, backend, args.train_batch, parse_size(args.train_size),
-                                  args.channels_last, args.precision)
+                                  args.channels_last, args.precision, adam=args.adam)
                 mode, switches = nullcontext(), _tf32_switches(args.precision)
             else:
                 net = build_model(name, device, backend, None, args.channels_last)
@@ -981,6 +1058,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--train-batch', type=int, default=64)
     parser.add_argument('--train-size', default='64x64')
     parser.add_argument('--train-backends', nargs='+', default=['triton'])
+    parser.add_argument('--adam', default='foreach', choices=('foreach', 'fused'),
+                        help="train, profile --profile-train: PyTorch's Adam implementation for the timed steps")
+    parser.add_argument('--basicsr-option', help='train: also time whole iterations of BasicSR\'s model for this '
+                        'SRModel option file (e.g. options/train/student_x4_nodistill.yml)')
     parser.add_argument('--profile-size', default='339x510')
     parser.add_argument('--profile-runs', type=int, default=5)
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])
