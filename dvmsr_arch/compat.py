@@ -148,6 +148,8 @@ class _TorchWithAtomicSave(types.ModuleType):
 
 _base_model.torch = _TorchWithAtomicSave('torch')
 
+
+# --- The EMA update in a few launches -------------------------------------------------------
 _model_ema = _base_model.BaseModel.model_ema  # basicsr's own, which the tests compare with
 
 
