@@ -536,18 +536,22 @@ def test_triton_backend_is_cuda_only_without_interpreter(monkeypatch):
         resolve_backend('triton', 'cpu')
 
 
-@pytest.mark.parametrize('n_tiles', [100, 4099, 43223, 691560, 1 << 20])
-@pytest.mark.parametrize('programs_per_chunk', [1, 2, 128])
+@pytest.mark.parametrize('n_tiles', [100, 1024, 4099, 43223, 691560, 1 << 20])
+@pytest.mark.parametrize('programs_per_chunk', [1, 2, 128, 768])
 @pytest.mark.parametrize('resident', [264, 792, 1056])
 def test_whole_wave_chunks(n_tiles, programs_per_chunk, resident):
-    from dvmsr_arch.ops.scan_triton import _cdiv, _whole_wave_tiles
+    from dvmsr_arch.ops.scan_triton import MAX_WHOLE_SEQUENCE_SPLIT, SUMMARY_PASS_SHARE, _cdiv, _whole_wave_tiles
 
-    def waves_times_tiles(t):  # how long a pass takes, in tiles walked one after another
-        return _cdiv(_cdiv(n_tiles, t) * programs_per_chunk, resident) * t
+    def passes_time(t):  # how long the two passes take, in tiles walked one after another
+        chunks = _cdiv(n_tiles, t)
+        return (_cdiv(chunks * programs_per_chunk, resident)
+                + SUMMARY_PASS_SHARE * _cdiv((chunks - 1) * programs_per_chunk, resident)) * t
     configured = 32
     tiles = _whole_wave_tiles(n_tiles, configured, programs_per_chunk, resident)
-    assert configured <= tiles <= 2 * configured
-    assert waves_times_tiles(tiles) <= waves_times_tiles(configured)
+    whole_sequence_splits = {_cdiv(n_tiles, split) for split in range(1, MAX_WHOLE_SEQUENCE_SPLIT + 1)}
+    assert configured <= tiles <= 2 * configured or tiles in whole_sequence_splits
+    assert passes_time(tiles) <= passes_time(configured)
+    assert all(passes_time(tiles) <= passes_time(t) for t in range(configured, 2 * configured + 1))
     if _cdiv(n_tiles, configured) * programs_per_chunk <= resident:  # less than a wave: nothing to gain
         assert tiles == configured
 
@@ -557,6 +561,18 @@ def test_whole_wave_chunks_at_lr_339x510_on_an_h100():
     # holding 8 programs each: 41 tiles a chunk, 1,055 chunks, 2,110 programs in two waves of 1,056.
     from dvmsr_arch.ops.scan_triton import _whole_wave_tiles
     assert _whole_wave_tiles(43223, 32, 2, 132 * 8) == 41
+
+
+def test_whole_sequence_chunks_for_the_distillation_teacher_on_an_h100():
+    # The teacher's forward at the paper's batch: 128 sequences of 64x64 tokens (1,024 tiles of 4),
+    # 384 channels in 6 programs of 64: 768 programs a chunk, which 132 SMs of 8 hold at once. One
+    # chunk a sequence then leaves the summary pass nothing to do. At batch 64 (384 programs) chunks
+    # of 47 tiles (8 waves a pass) still end sooner than one chunk walking all 1,024 tiles; the
+    # student's training forward (one program of 128 channels a sequence, 4 a SM) keeps 32.
+    from dvmsr_arch.ops.scan_triton import _whole_wave_tiles
+    assert _whole_wave_tiles(1024, 32, 6 * 128, 132 * 8) == 1024
+    assert _whole_wave_tiles(1024, 32, 6 * 64, 132 * 8) == 47
+    assert _whole_wave_tiles(1024, 32, 64, 132 * 4) == 32
 
 
 def test_scan_config_names():
@@ -577,6 +593,26 @@ def test_scan_config_names():
 def test_scan_on_gpu_matches_float64_ref():
     from benchmark import check_scan
     for row in check_scan(torch.device('cuda'), [(2, 24, 16, 1000, 4), (3, 7, 5, 777, 0)], seed=1):
+        assert not row['forward_nan'] and not row['grad_nan'] and row['out_matches'], row
+        assert row['forward_max_rel'] < 1e-4
+        assert max(v for k, v in row.items() if k.startswith('grad_') and k.endswith('_max_rel')) < 1e-4, row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason='needs a CUDA GPU')
+def test_scan_on_gpu_in_whole_sequence_chunks_matches_float64_ref(monkeypatch):
+    """The forward's one-chunk-a-sequence plan (``_whole_wave_tiles``), chosen here at small sizes by a
+    GPU said to hold two programs at once: no summary pass, no carry, every tile in one program."""
+    from benchmark import check_scan
+    from dvmsr_arch.ops import scan_triton
+    monkeypatch.setattr(scan_triton, '_resident_programs', lambda *args: 2)
+    scan_triton._forward_plans.clear()
+    try:
+        rows = check_scan(torch.device('cuda'), [(2, 24, 16, 1000, 4), (3, 7, 5, 777, 0)], seed=2)
+        plans = list(scan_triton._forward_plans.values())
+    finally:
+        scan_triton._forward_plans.clear()
+    assert plans and all(plan.n_chunks == 1 and plan.tiles >= plan.n_tiles > 64 for plan in plans)
+    for row in rows:
         assert not row['forward_nan'] and not row['grad_nan'] and row['out_matches'], row
         assert row['forward_max_rel'] < 1e-4
         assert max(v for k, v in row.items() if k.startswith('grad_') and k.endswith('_max_rel')) < 1e-4, row

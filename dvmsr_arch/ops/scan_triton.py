@@ -139,19 +139,34 @@ def _carry_block(n_chunks: int) -> int:
     return min(CARRY_BLOCK_CHUNKS, max(32, _pow2(n_chunks)))
 
 
+# A summary pass's time per tile walked, against the output pass's: 125 against 178 us a call at LR
+# 339x510 on an H100, both in two waves of the same programs (docs/performance.md, version 11).
+SUMMARY_PASS_SHARE = 0.7
+MAX_WHOLE_SEQUENCE_SPLIT = 8  # the fewest-chunk lengths tried: a sequence in 1 to this many chunks
+
+
 def _whole_wave_tiles(n_tiles: int, tiles: int, programs_per_chunk: int, resident: int) -> int:
-    """Tiles per chunk, from ``tiles`` to twice that, for which a pass ends soonest when the GPU
-    holds ``resident`` programs at once.
+    """Tiles per chunk for which the forward's two passes end soonest when the GPU holds
+    ``resident`` programs at once: from ``tiles`` to twice that, or so long that each sequence
+    is one to ``MAX_WHOLE_SEQUENCE_SPLIT`` chunks.
 
     Every program of a pass has the same work, so they finish in waves, and a last wave that is
     partly empty costs as long as a full one: the time goes as the number of waves times the tiles
     a program walks. At LR 339x510 the default shape gives 2,702 programs, 2.56 waves of 1,056 on an
     H100, so the last of three runs half empty; chunks of 41 tiles instead of 32 make it 2,110
-    programs, two full waves. Chunks only grow: fewer, longer ones also leave less to the carry.
+    programs, two full waves. The summary pass runs on every chunk but the last of a sequence, so
+    where the batch and the channel blocks alone come close to filling the GPU, whole sequences as
+    single chunks leave it nothing to do: a distillation teacher's 128 images of 64x64 tokens at 384
+    channels are 768 programs. Chunks only grow: fewer, longer ones also leave less to the carry.
     """
-    def cost(t: int) -> int:
-        return _cdiv(_cdiv(n_tiles, t) * programs_per_chunk, resident) * t
-    return min(range(tiles, 2 * tiles + 1), key=cost)
+    def cost(t: int) -> float:
+        chunks = _cdiv(n_tiles, t)
+        output_waves = _cdiv(chunks * programs_per_chunk, resident)
+        summary_waves = _cdiv((chunks - 1) * programs_per_chunk, resident)
+        return (output_waves + SUMMARY_PASS_SHARE * summary_waves) * t
+    # The configured range first: where a longer chunk only ties, the shorter one stays.
+    whole = [_cdiv(n_tiles, split) for split in range(1, MAX_WHOLE_SEQUENCE_SPLIT + 1)]
+    return min([*range(tiles, 2 * tiles + 1), *(t for t in whole if t > 2 * tiles)], key=cost)
 
 
 _resident = {}
