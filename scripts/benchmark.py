@@ -658,25 +658,33 @@ def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: 
     ``network_g`` and ``train`` section: losses, optimizer, EMA), on fixed random patches:
     ``feed_data`` and ``optimize_parameters``, which waits for the GPU to log the losses and then
     updates the EMA copy. That is what a training run spends on an iteration apart from loading
-    data. The precision switches are the caller's; the network keeps BasicSR's NCHW layout.
+    data. A distillation (``network_t``) gets a teacher with random weights. The precision switches
+    are the caller's; the networks keep BasicSR's NCHW layout.
     ``ema_update='basicsr'`` puts back basicsr's own per-parameter EMA update (see
     ``dvmsr_arch.compat``) to measure what the project's saves. Returns the step and the model."""
     import logging
+    import tempfile
 
     import yaml
+    from basicsr.archs import build_network
     from basicsr.models import build_model as build_basicsr_model
 
     from dvmsr_arch import compat
     with open(option_file) as f:
         opt = yaml.safe_load(f)
-    if opt.get('model_type') == 'DistillSRModel':
-        raise SystemExit(f'--basicsr-option {option_file}: a distillation needs a trained teacher; '
-                         'time its student alone with an SRModel option file')
     opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=int(device.type == 'cuda'))
     opt['path'] = {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None}
     logging.getLogger('basicsr').setLevel(logging.WARNING)  # its network summary would fill the output
-    torch.manual_seed(0)
-    model = build_basicsr_model(opt)
+    with tempfile.TemporaryDirectory() as folder:
+        if 'network_t' in opt:
+            # A distillation's teacher with random weights: none trained is at hand, and its forward
+            # takes the same time whatever its weights.
+            torch.manual_seed(1)
+            teacher = osp.join(folder, 'teacher.pth')
+            torch.save(build_network(opt['network_t']).state_dict(), teacher)
+            opt['path'].update(pretrain_network_t=teacher, param_key_t=None)
+        torch.manual_seed(0)
+        model = build_basicsr_model(opt)
     if ema_update == 'basicsr':
         model.model_ema = compat._model_ema.__get__(model)
     height, width = size
@@ -1061,7 +1069,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--adam', default='foreach', choices=('foreach', 'fused'),
                         help="train, profile --profile-train: PyTorch's Adam implementation for the timed steps")
     parser.add_argument('--basicsr-option', help='train: also time whole iterations of BasicSR\'s model for this '
-                        'SRModel option file (e.g. options/train/student_x4_nodistill.yml)')
+                        'option file (e.g. options/train/student_x4.yml, whose teacher gets random weights)')
     parser.add_argument('--profile-size', default='339x510')
     parser.add_argument('--profile-runs', type=int, default=5)
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])

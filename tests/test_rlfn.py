@@ -108,9 +108,19 @@ def test_benchmark_basicsr_iteration_with_either_ema_update():
         assert model.log_dict['l_pix'] > 0
         assert sum(not torch.equal(a, b) for a, b in zip(before, ema[update])) > 50
     assert all(torch.equal(a, b) for a, b in zip(ema['dvmsr'], ema['basicsr']))
-    with pytest.raises(SystemExit, match='needs a trained teacher'):
-        benchmark.basicsr_iteration(str(REPO / 'options' / 'train' / 'student_x4.yml'), torch.device('cpu'), 1,
-                                    (8, 8))
+
+
+def test_benchmark_basicsr_iteration_of_a_distillation():
+    """A distillation's option file runs with a teacher of random weights, which the model loads."""
+    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    step, model = benchmark.basicsr_iteration(str(REPO / 'options' / 'train' / 'student_x4.yml'),
+                                              torch.device('cpu'), 1, (4, 4))
+    assert type(model).__name__ == 'DistillSRModel'
+    assert sum(p.numel() for p in model.net_t.parameters()) == 7_432_131
+    step()
+    assert model.log_dict['l_distill'] > 0 and model.log_dict['l_pix'] > 0
 
 
 def test_benchmark_peak_of_allocator_trace():
