@@ -32,8 +32,8 @@ class ScanConfig:
     ``summary_registers`` and ``output_registers`` cap the registers per thread of the summary pass
     and of the output pass (in the backward: of the gradients kernel), so more warps fit on an SM;
     0 leaves the count to the compiler. ``whole_waves`` (forward, on a GPU): lengthen the chunks, up
-    to twice, so that the programs of a pass fill whole waves of the GPU (see
-    ``_whole_wave_tiles``)."""
+    to twice, so that the programs of a pass fill whole waves of the GPU, or to whole sequences
+    where the batch fills it (see ``_whole_wave_tiles``)."""
     tile: int = 16
     block_e: int = 32
     tiles_per_chunk: int = 16
