@@ -21,6 +21,14 @@ RLFN_PARAMETERS = 317_218
 RLFN_SET5_PSNR = 32.099
 
 
+def load_benchmark():
+    """scripts/benchmark.py as a fresh module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
 def test_default_network_is_the_pruned_baseline():
     net = build_network({'type': 'RLFN'})
     assert isinstance(net, RLFN)
@@ -81,9 +89,7 @@ def test_benchmark_report_carries_the_rlfn_ratio(tmp_path):
 
 
 def test_benchmark_cudnn_flag_sets_and_clears_torch_setting(monkeypatch):
-    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     assert benchmark.main(['floor', '--device', 'cpu', '--sizes', '16x16', '--cudnn-benchmark']) == 0
     assert torch.backends.cudnn.benchmark is True
@@ -94,9 +100,7 @@ def test_benchmark_cudnn_flag_sets_and_clears_torch_setting(monkeypatch):
 def test_benchmark_basicsr_iteration_with_either_ema_update():
     """The benchmark's BasicSR iteration trains the option file's network, and swapping in basicsr's own
     EMA update (to time what the project's saves) gives the same EMA weights."""
-    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
     option = str(REPO / 'options' / 'train' / 'student_x4_nodistill.yml')
     ema = {}
     for update in ('dvmsr', 'basicsr'):
@@ -112,9 +116,7 @@ def test_benchmark_basicsr_iteration_with_either_ema_update():
 
 def test_benchmark_basicsr_iteration_of_a_distillation():
     """A distillation's option file runs with a teacher of random weights, which the model loads."""
-    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
     step, model = benchmark.basicsr_iteration(str(REPO / 'options' / 'train' / 'student_x4.yml'),
                                               torch.device('cpu'), 1, (4, 4))
     assert type(model).__name__ == 'DistillSRModel'
@@ -124,9 +126,7 @@ def test_benchmark_basicsr_iteration_of_a_distillation():
 
 
 def test_benchmark_peak_of_allocator_trace():
-    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
 
     def event(action, addr, size):
         return {'action': action, 'addr': addr, 'size': size}
@@ -147,9 +147,7 @@ def test_benchmark_device_time_counts_kernels_not_operators_or_annotations():
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
-    spec = importlib.util.spec_from_file_location('benchmark_cli', REPO / 'scripts' / 'benchmark.py')
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
 
     def event(device, us, annotation=False):
         return SimpleNamespace(device_type=device, is_user_annotation=annotation,
