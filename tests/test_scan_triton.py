@@ -592,7 +592,13 @@ def test_scan_config_names():
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason='needs a CUDA GPU')
 def test_scan_on_gpu_matches_float64_ref():
     from benchmark import check_scan
-    for row in check_scan(torch.device('cuda'), [(2, 24, 16, 1000, 4), (3, 7, 5, 777, 0)], seed=1):
+    assert_scan_rows_match_float64(check_scan(torch.device('cuda'), [(2, 24, 16, 1000, 4), (3, 7, 5, 777, 0)],
+                                              seed=1))
+
+
+def assert_scan_rows_match_float64(rows):
+    """``check_scan``'s rows: every element written, forward and every gradient within 1e-4 of float64."""
+    for row in rows:
         assert not row['forward_nan'] and not row['grad_nan'] and row['out_matches'], row
         assert row['forward_max_rel'] < 1e-4
         assert max(v for k, v in row.items() if k.startswith('grad_') and k.endswith('_max_rel')) < 1e-4, row
@@ -612,10 +618,7 @@ def test_scan_on_gpu_in_whole_sequence_chunks_matches_float64_ref(monkeypatch):
     finally:
         scan_triton._forward_plans.clear()
     assert plans and all(plan.n_chunks == 1 and plan.tiles >= plan.n_tiles > 64 for plan in plans)
-    for row in rows:
-        assert not row['forward_nan'] and not row['grad_nan'] and row['out_matches'], row
-        assert row['forward_max_rel'] < 1e-4
-        assert max(v for k, v in row.items() if k.startswith('grad_') and k.endswith('_max_rel')) < 1e-4, row
+    assert_scan_rows_match_float64(rows)
 
 
 def option_file_networks():
