@@ -474,6 +474,41 @@ def test_sum_partials_sums_over_the_leading_axes():
     assert torch.allclose(_sum_partials(parts, 2), parts.sum((0, 1)))
 
 
+@pytest.mark.parametrize('rank, element_size, layout', [
+    (4, 4, (4, 4)), (16, 4, (16, 16)),  # already whole: as they are
+    (12, 4, (16, 16)), (10, 4, (16, 16)), (14, 4, (16, 16)), (1, 4, (4, 4)), (5, 4, (8, 8)),
+    (4, 2, (4, 8)), (12, 2, (16, 16)), (1, 2, (4, 8))])  # 2-byte rows: B on 16 bytes too
+def test_row_layout(rank, element_size, layout):
+    from dvmsr_arch.ops.scan_triton import row_layout
+    assert row_layout(rank, element_size) == layout
+
+
+@pytest.mark.parametrize('embed_dim', [192, 180, 60])  # dt rank 12, 12, 4
+def test_inference_rows_are_aligned_and_give_the_same_delta(embed_dim):
+    """The Triton inference path's x_proj rows for the paper's wide networks: dt padded with zero
+    columns to 16, so that the scan reads dt, B and C with vector loads (``_rows_aligned``), and
+    delta = dt_proj(dt), B and C as x_proj gives them."""
+    from dvmsr_arch.archs.dvmsr_arch import MambaMixer
+    from dvmsr_arch.ops.scan_triton import _rows_aligned
+    torch.manual_seed(0)
+    rank = -(-embed_dim // 16)
+    mixer = MambaMixer(dim=embed_dim, d_state=16, d_conv=4, expand=2, dt_rank=rank, bidirectional=False,
+                       scan_backend='triton')
+    x = torch.randn(2, 37, 2 * embed_dim)
+    with torch.no_grad():
+        dt, B, C = mixer._x_proj_rows(x)
+        dt_weight, _ = mixer._scan_weights()
+        expected_dt, expected_B, expected_C = mixer.x_proj(x).split([rank, 16, 16], dim=-1)
+    columns = dt.shape[1]
+    assert columns == max(4, 1 << (rank - 1).bit_length()) and dt_weight.shape == (2 * embed_dim, columns)
+    assert _rows_aligned(dt, B, C, columns, 16)
+    assert torch.equal(dt[:, rank:], torch.zeros_like(dt[:, rank:]))
+    for got, expected in ((dt[:, :rank], expected_dt), (B, expected_B), (C, expected_C)):
+        torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.einsum('brl,er->bel', dt, dt_weight),
+                               mixer.dt_proj.weight @ expected_dt.transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+
 @needs_triton
 def test_network_fp16_autocast_inference_on_triton_path(interpreted):
     # fp16 activations around an fp32 scan state: within fp16's resolution of the float64 network.

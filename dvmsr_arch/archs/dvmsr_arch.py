@@ -18,7 +18,8 @@ from dvmsr_arch.ops.fused_triton import (add_bias_skip_, add_bias_skip_image, ca
                                         layer_norm_linear_tokens, layer_norm_tokens, low_memory_enabled,
                                         pixel_shuffle_image)
 from dvmsr_arch.ops.mamba_inner import mamba_inner_triton
-from dvmsr_arch.ops.scan_triton import selective_scan_lowrank_triton
+from dvmsr_arch.ops.scan_triton import (padded_dt_weight, padded_x_proj_weight, row_layout,
+                                        selective_scan_lowrank_triton)
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -280,10 +281,13 @@ class MambaMixer(nn.Module):
         return self._out_proj(y.transpose(1, 2), out_width)
 
     def _scan_weights(self) -> Tuple[Tensor, Tensor]:
-        """dt_proj's weight (E, R) and A (E, N) for the Triton scan without autograd. The kernels read
+        """dt_proj's weight (E, R') with zero columns past R (see ``_x_proj_rows``) and A (E, N) for the
+        Triton scan without autograd. The kernels read
         both transposed, and they are kept so (see ``derived_tensor``), which spares each call four
         small kernels (A's exp and sign, two transposing copies)."""
-        weight = derived_tensor(self.dt_proj.weight, 'scan_t', lambda: self.dt_proj.weight.t().contiguous())
+        columns, _ = row_layout(self.dt_rank)  # zero columns past the rank, as ``_x_proj_rows`` gives dt
+        weight = derived_tensor(self.dt_proj.weight, ('scan_t', columns),
+                                lambda: padded_dt_weight(self.dt_proj.weight, columns).t().contiguous())
         A = derived_tensor(self.A_log, 'scan_t', lambda: (-torch.exp(self.A_log.float())).t().contiguous())
         return weight.t(), A.t()
 
@@ -295,24 +299,24 @@ class MambaMixer(nn.Module):
         return F.linear(y, zero_padded(weight, (out_width, weight.shape[1])))
 
     def _x_proj_rows(self, x: Tensor, into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """x_proj(x) split into (dt, B, C) as the inference scan takes them: (B, R, L) and (B, N, L)
+        """x_proj(x) split into (dt, B, C) as the inference scan takes them: (B, R', L) and (B, N, L)
         views of token-major rows (training runs x_proj inside the scan's autograd Function).
 
-        fp32 rows [dt, B, C] start B and C on 16 bytes when R and N are multiples of 4, so the scan
-        reads them with vector loads. For 2-byte activations (autocast) dt is padded with zero
-        columns to a multiple of 8, which keeps that alignment. ``into``: a spent contiguous tensor
-        of x's dtype whose memory takes the rows, one after another, in place of a new buffer, if it
-        is large enough.
+        The rows are laid out by ``row_layout``, so that the scan reads them with vector loads: dt
+        has R' columns, R itself where it is a power of two of at least 4 (the student's 4), else
+        zero columns follow (12 -> 16 for 180 or 192 channels); for 2-byte activations (autocast) B
+        starts on a multiple of 8 columns. ``into``: a spent contiguous tensor of x's dtype whose
+        memory takes the rows, one after another, in place of a new buffer, if it is large enough.
         """
         rank, state = self.dt_rank, self.d_state
-        pad = -rank % 8 if x.element_size() == 2 else 0
-        width = rank + pad + 2 * state
+        columns, b_start = row_layout(rank, x.element_size())
+        width = b_start + 2 * state
         tokens = x.numel() // x.shape[-1]
         if into is not None and not (into.is_contiguous() and into.dtype == x.dtype and into.numel() >= tokens * width):
             into = None
-        if into is None and not pad:
+        if into is None and b_start == rank:
             return self.x_proj(x).transpose(1, 2).split([rank, state, state], dim=1)
-        weight = self._padded_x_proj_weight(pad, x.dtype) if pad else self.x_proj.weight
+        weight = self._padded_x_proj_weight(b_start, x.dtype) if b_start != rank else self.x_proj.weight
         if into is None:
             rows = F.linear(x, weight)
         else:
@@ -321,14 +325,14 @@ class MambaMixer(nn.Module):
             # activations' dtype.
             torch.mm(x.reshape(tokens, x.shape[-1]), weight.t(), out=rows.view(tokens, width))
         rows = rows.transpose(1, 2)
-        return rows[:, :rank], rows[:, rank + pad:rank + pad + state], rows[:, rank + pad + state:]
+        return rows[:, :columns], rows[:, b_start:b_start + state], rows[:, b_start + state:]
 
-    def _padded_x_proj_weight(self, pad: int, dtype: torch.dtype) -> Tensor:
-        """x_proj's weight with ``pad`` zero rows after dt's, in ``dtype``, kept as a ``derived_tensor``
-        so that inference does not pay a concatenation and a cast in every ViMM call."""
+    def _padded_x_proj_weight(self, b_start: int, dtype: torch.dtype) -> Tensor:
+        """x_proj's weight with zero rows after dt's up to row ``b_start``, in ``dtype``, kept as a
+        ``derived_tensor`` so that inference does not pay a concatenation and a cast in every ViMM call."""
         weight = self.x_proj.weight
-        return derived_tensor(weight, ('x_proj_padded', pad, dtype), lambda: torch.cat(
-            [weight[:self.dt_rank], weight.new_zeros(pad, weight.shape[1]), weight[self.dt_rank:]]).to(dtype))
+        return derived_tensor(weight, ('x_proj_padded', b_start, dtype),
+                              lambda: padded_x_proj_weight(weight, self.dt_rank, b_start).to(dtype))
 
     def _in_proj_inference(self, tokens: Tensor, norm: Optional[nn.LayerNorm], half: Optional[int] = None,
                            out_dtype: Optional[torch.dtype] = None, planes: int = 1) -> Tensor:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_triton import causal_conv_backward, causal_conv_forward
-from .scan_triton import _f32, _input_grads, _launch_on, _scan_backward, _scan_forward, _split_rows
+from .scan_triton import (_f32, _input_grads, _launch_on, _scan_backward, _scan_forward, _split_rows, padded_dt_weight,
+                          padded_x_proj_weight, row_layout)
 
 
 def _inner_forward(tokens, in_weight, conv_weight, conv_bias, proj_weight, dt_weight, A, D, delta_bias,
@@ -85,6 +86,11 @@ def mamba_inner_triton(tokens: Tensor, in_weight: Tensor, conv_weight: Tensor, c
     """
     _launch_on(tokens.device)
     A, D, delta_bias = A.float(), _f32(D), _f32(delta_bias)
+    # dt's columns padded with zeros to a width the scan reads whole (see ``row_layout``); under
+    # autograd the padding is part of the graph, so the weights' gradients come back unpadded.
+    rank = dt_weight.shape[1]
+    columns, _ = row_layout(rank)
+    proj_weight, dt_weight = padded_x_proj_weight(proj_weight, rank, columns), padded_dt_weight(dt_weight, columns)
     conv_weight = conv_weight.contiguous()
     tensors = (tokens, in_weight, conv_weight, conv_bias, proj_weight, dt_weight, A, D, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .launch import launch
@@ -216,6 +217,34 @@ def _rows_aligned(dt: Optional[Tensor], B: Tensor, C: Tensor, rank: int, state: 
         return False
     return all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.stride(1) == 1
                and t.stride(0) % 4 == 0 and t.stride(2) % 4 == 0 and t.data_ptr() % 16 == 0 for t in rows)
+
+
+def row_layout(rank: int, element_size: int = 4) -> Tuple[int, int]:
+    """Where x_proj's token rows put dt and B for the lane kernels to read them with vector loads:
+    (dt's columns, B's first column); C follows B.
+
+    dt takes ``rank`` columns where that is a power of two of at least 4 (DVMSR's student: 4), else
+    the next such, its extra columns zero (zero rows of x_proj's weight). The scan then reads them
+    with dt_proj's weight padded with as many zero columns (``padded_dt_weight``), which leaves
+    delta's sum as it was: the kernels already summed a block of that width with zeros past the rank.
+    The paper's 180- and 192-channel networks have rank 12. For 2-byte rows B starts on a multiple of 8
+    columns (16 bytes).
+    """
+    columns = max(4, _pow2(rank))
+    return columns, columns + (-columns % 8 if element_size == 2 else 0)
+
+
+def padded_dt_weight(dt_weight: Tensor, columns: int) -> Tensor:
+    """dt_proj's weight (E, R) with zero columns up to ``columns`` (``dt_weight`` itself if it has them)."""
+    rank = dt_weight.shape[1]
+    return dt_weight if rank == columns else F.pad(dt_weight, (0, columns - rank))
+
+
+def padded_x_proj_weight(weight: Tensor, rank: int, b_start: int) -> Tensor:
+    """x_proj's weight (R + 2N, E) with zero rows after dt's so that B's row starts at ``b_start``."""
+    if b_start == rank:
+        return weight
+    return torch.cat([weight[:rank], weight.new_zeros(b_start - rank, weight.shape[1]), weight[rank:]])
 
 
 @dataclass(frozen=True)
