@@ -38,7 +38,10 @@ CONV_BLOCK_E = 128
 CONV_BWD_BLOCK_L = 16
 CONV_BWD_BLOCK_E = 128
 CONV_BWD_WARPS = 4
+# add_bias_skip_: 64 token rows a program, fewer where the rows are wide. At 192 channels (256-wide
+# blocks) 64 rows took 255 registers and spilled (an offline sm_90a build); 16 rows take 132.
 ADD_BLOCK_ROWS = 64
+ADD_BLOCK_ELEMENTS = 4096
 SHUFFLE_BLOCK_W = 32
 
 
@@ -244,9 +247,10 @@ def add_bias_skip_(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
     batch, length, channels = y.shape
     if skip.shape != y.shape or bias.shape != (channels,):
         raise ValueError(f'add_bias_skip_: y {tuple(y.shape)}, bias {tuple(bias.shape)}, skip {tuple(skip.shape)}')
-    rows = batch * length
-    launch(_kernels()._add_bias_skip, (_cdiv(rows, ADD_BLOCK_ROWS),), y, bias, skip, rows, length, channels,
-           *y.stride(), *skip.stride(), BLOCK_R=ADD_BLOCK_ROWS, BLOCK_C=_pow2(channels))
+    rows, block_c = batch * length, _pow2(channels)
+    block_r = max(1, min(ADD_BLOCK_ROWS, ADD_BLOCK_ELEMENTS // block_c))
+    launch(_kernels()._add_bias_skip, (_cdiv(rows, block_r),), y, bias, skip, rows, length, channels,
+           *y.stride(), *skip.stride(), BLOCK_R=block_r, BLOCK_C=block_c)
     return y
 
 
