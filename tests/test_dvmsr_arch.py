@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dvmsr_arch.archs.dvmsr_arch import DVMSR, DropPath, zero_padded
+from dvmsr_arch.archs.dvmsr_arch import DVMSR, DropPath, PixelShuffle, zero_padded
 
 
 def count(net):
@@ -54,6 +54,25 @@ def test_pixelshuffle_upsampler_layout():
     keys = set(DVMSR(upsampler='pixelshuffle', embed_dim=192, depths=[2] * 8).state_dict())
     assert {'conv_before_upsample.0.weight', 'upsample.0.weight', 'upsample.2.weight', 'conv_last.weight'} <= keys
     assert count(DVMSR(upsampler='pixelshuffle', embed_dim=192, depths=[2] * 8)) == 7_432_131
+
+
+@pytest.mark.parametrize('factor', [2, 3])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_pixel_shuffle_keeps_channels_last_and_the_values(factor, channels_last):
+    """The upsampler's PixelShuffle: PyTorch's values and gradients exactly, and a channels-last
+    image stays channels-last (the convolution after it then reads it without a conversion)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5 * factor**2, 7, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn(2, 5, 7 * factor, 6 * factor)
+    out = PixelShuffle(factor)(x)
+    (out * grad).sum().backward()
+    expected = torch.nn.functional.pixel_shuffle(x.detach(), factor)
+    assert torch.equal(out, expected)
+    assert torch.equal(x.grad, torch.nn.functional.pixel_unshuffle(grad, factor))
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_bidirectional_adds_a_second_scan_per_vimm():
