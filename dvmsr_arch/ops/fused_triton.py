@@ -17,9 +17,13 @@ from .scan_triton import _cdiv, _pow2, _sum_partials
 # LayerNorm alone (training, and outside the mixers): rows a program and warps. Rows up to 64 wide
 # (the student's) take 8 rows and one warp: in a training step on an H100 the backward took 68 us a
 # call against 109 us at 32 rows and 4 warps, the forward 61 against 82 us (docs/performance.md, 18d).
-# Wider rows (the teacher's) keep 32 rows and 4 warps, not measured against others.
+# Wider rows (the teacher's 192): the forward takes 4 rows and 2 warps, 290 against 485 us a call at
+# 32 x 4 for the distillation teacher's batch of 128 x 64 x 64 tokens; the backward keeps 32 rows and
+# 4 warps, 200 us a call (with the forward) at batch 32, as fast as any other shape (H100,
+# `kernel_sweep.py --wide-only`; docs/performance.md, version 23).
 LN_BLOCK_ROWS, LN_WARPS = 8, 1
 LN_WIDE_BLOCK_ROWS, LN_WIDE_WARPS = 32, 4
+LN_WIDE_FWD_BLOCK_ROWS, LN_WIDE_FWD_WARPS = 4, 2
 LN_LINEAR_BLOCK_ROWS = 128
 # LayerNorm + Linear in one kernel pays for narrow rows only (the student's 60 channels). At the
 # teacher's 192 it took 1.9-6.4 ms a call over its block shapes against 0.95-1.0 ms for the two apart
@@ -38,6 +42,11 @@ CONV_BLOCK_E = 128
 CONV_BWD_BLOCK_L = 16
 CONV_BWD_BLOCK_E = 128
 CONV_BWD_WARPS = 4
+# Past one block of channels (the teacher's 384): 32 tokens and 2 warps a program. At the teacher's
+# training step (batch 32 of 64x64 tokens) both kernels and the sums took 539 against 737 us a call
+# at 16 x 4 (H100, `kernel_sweep.py --wide-only`; docs/performance.md, version 23).
+CONV_WIDE_BWD_BLOCK_L = 32
+CONV_WIDE_BWD_WARPS = 2
 # add_bias_skip_: 64 token rows a program, fewer where the rows are wide. At 192 channels (256-wide
 # blocks) 64 rows took 255 registers and spilled (an offline sm_90a build); 16 rows take 132.
 ADD_BLOCK_ROWS = 64
@@ -72,8 +81,10 @@ def _kernels():
     return fused_triton_kernels
 
 
-def _layer_norm_shape(width: int) -> Tuple[int, int]:
-    return (LN_BLOCK_ROWS, LN_WARPS) if width <= 64 else (LN_WIDE_BLOCK_ROWS, LN_WIDE_WARPS)
+def _layer_norm_shape(width: int, forward: bool = False) -> Tuple[int, int]:
+    if width <= 64:
+        return LN_BLOCK_ROWS, LN_WARPS
+    return (LN_WIDE_FWD_BLOCK_ROWS, LN_WIDE_FWD_WARPS) if forward else (LN_WIDE_BLOCK_ROWS, LN_WIDE_WARPS)
 
 
 def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, save_stats: bool,
@@ -83,7 +94,7 @@ def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, sav
     rows = batch * length
     y = torch.empty(batch, length, width, device=x.device, dtype=x.dtype)
     stats = [torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2)] if save_stats else [y, y]
-    block_rows, warps = _layer_norm_shape(width)
+    block_rows, warps = _layer_norm_shape(width, forward=True)
     launch(_kernels()._layer_norm_fwd, (_cdiv(rows, block_rows),),
         x, sample_scale if sample_scale is not None else weight, weight, bias, y, stats[0], stats[1], rows, length,
         channels, width, *x.stride(), *y.stride(), eps, BLOCK_R=block_rows, BLOCK_C=_pow2(width),
@@ -191,8 +202,10 @@ def causal_conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dy: 
     evenly spaced (a slice of wider rows, say) that receives x's gradient."""
     batch, length, inner = x.shape
     kernel = weight.shape[-1]
-    grid = _conv_grid(batch, length, inner, CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_E)
-    shape = dict(K=kernel, BLOCK_L=CONV_BWD_BLOCK_L, BLOCK_E=CONV_BWD_BLOCK_E, num_warps=CONV_BWD_WARPS)
+    wide = inner > CONV_BWD_BLOCK_E
+    block_l, warps = (CONV_WIDE_BWD_BLOCK_L, CONV_WIDE_BWD_WARPS) if wide else (CONV_BWD_BLOCK_L, CONV_BWD_WARPS)
+    grid = _conv_grid(batch, length, inner, block_l, CONV_BWD_BLOCK_E)
+    shape = dict(K=kernel, BLOCK_L=block_l, BLOCK_E=CONV_BWD_BLOCK_E, num_warps=warps)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty(batch, length, inner, **f32) if dx_into is None else dx_into
     row = dx.stride(1)
