@@ -3,9 +3,8 @@
     python scripts/kernel_sweep.py --out results/kernel_sweep.json
 
 At LR 339x510 (L = 172,890 tokens) with random inputs of the released widths (C=60, E=120, N=16,
-rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes; also at the
-teacher's 192 channels, batch 64 of 64x64, which ``--wide-only`` runs alone), conv1d + SiLU (over
-its block shapes) and x_proj after it, conv1d's backward and LayerNorm's forward + backward at the
+rank 4), TF32 allowed: LayerNorm + in_proj (separate, and fused over its block shapes), conv1d +
+SiLU (over its block shapes) and x_proj after it, conv1d's backward and LayerNorm's forward + backward at the
 training step's size (over their block shapes), a convolution's bias and skip added in one pass,
 the scan with u contiguous or read from in_proj's x plane, and cuDNN's 3x3 convolution from token
 rows of 60 or 64 channels (the fused path pads), alone and, at the training step's size (batch 64,
@@ -15,6 +14,11 @@ warm-up calls, so it includes the launch: compare the numbers with each other, a
 LayerNorm's, through autograd) report kernel time per call from the profiler instead: the host
 takes longer to issue such a call than its kernels run, so events around it time the host. The
 chosen shapes are the module constants of ``dvmsr_arch/ops/fused_triton.py``.
+
+First, at the teacher's widths (192 channels, 384 inner; ``--wide-only`` runs these alone): LayerNorm
++ in_proj at batch 64 of 64x64, separate and fused; LayerNorm's forward without autograd at the
+distillation teacher's batch of 128, and its forward + backward at batch 32; conv1d's backward at
+batch 32. Each over its block shapes.
 """
 import argparse
 import itertools
@@ -74,7 +78,7 @@ def sweep(setting: dict, shapes, fn, timer=median_us) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', help='JSON file for the results')
-    parser.add_argument('--wide-only', action='store_true', help="only LayerNorm + in_proj at the teacher's width")
+    parser.add_argument('--wide-only', action='store_true', help="only the kernels at the teacher's widths")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('kernel_sweep.py needs a CUDA GPU')
@@ -97,6 +101,37 @@ def main() -> int:
         itertools.product((WIDE_C,), (16, 32, 64), (32, 64), (4, 8)),
         lambda: fused_triton.layer_norm_linear_tokens(wide, wide_w, wide_b, 1e-5, wide_in))
     del wide
+    # LayerNorm alone at that width: its forward without autograd at the distillation teacher's
+    # batch (128 of 64x64), then forward + backward under autograd at a teacher-training batch (32).
+    wide = torch.randn(128, 64 * 64, WIDE_C, device=dev)
+    results[f'layer_norm forward at {WIDE_C} channels, batch 128 of 64x64'] = sweep(
+        {'LN_WIDE_FWD_BLOCK_ROWS': 'rows ', 'LN_WIDE_FWD_WARPS': 'warps '},
+        itertools.product((4, 8, 16, 32, 64), (1, 2, 4, 8)),
+        lambda: fused_triton.layer_norm_tokens(wide, wide_w, wide_b, 1e-5))
+    del wide
+    wide = torch.randn(32, 64 * 64, WIDE_C, device=dev, requires_grad=True)
+    wide_w.requires_grad_()
+    wide_b.requires_grad_()
+    wide_dy = torch.randn(32, 64 * 64, WIDE_C, device=dev)
+    results[f'layer_norm forward + backward at {WIDE_C} channels, batch 32 of 64x64'] = sweep(
+        {'LN_WIDE_BLOCK_ROWS': 'backward rows ', 'LN_WIDE_WARPS': 'warps '},
+        itertools.product((4, 8, 16, 32, 64), (2, 4, 8)),
+        lambda: torch.autograd.grad(fused_triton.layer_norm_tokens(wide, wide_w, wide_b, 1e-5), (wide, wide_w, wide_b),
+                                    wide_dy), kernel_us)
+    del wide, wide_dy
+    # conv1d's backward at the teacher's inner width (384), x a view of in_proj's [x, z] rows as in
+    # training, batch 32 of 64x64.
+    xz = torch.randn(32, 64 * 64, 4 * WIDE_C, device=dev)
+    x_wide = xz[..., :2 * WIDE_C].detach().requires_grad_()
+    w_wide = (torch.randn(2 * WIDE_C, 1, 4, device=dev) * 0.3).requires_grad_()
+    b_wide = torch.randn(2 * WIDE_C, device=dev).requires_grad_()
+    y_wide = fused_triton.causal_conv1d_silu_tokens(x_wide, w_wide, b_wide)
+    dy_wide = torch.randn_like(y_wide)
+    results[f'conv1d backward at {2 * WIDE_C} channels, batch 32 of 64x64'] = sweep(
+        {'CONV_WIDE_BWD_BLOCK_L': 'tokens ', 'CONV_WIDE_BWD_WARPS': 'warps '},
+        itertools.product((8, 16, 32, 64), (2, 4, 8)),
+        lambda: torch.autograd.grad(y_wide, (x_wide, w_wide, b_wide), dy_wide, retain_graph=True), kernel_us)
+    del xz, x_wide, y_wide, dy_wide
     if args.wide_only:
         return _write(results, args.out)
 
