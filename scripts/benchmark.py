@@ -20,7 +20,8 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
               (losses, optimizer and EMA update as it sets them, without data loading).
 ``profile``   PyTorch profiler, GPU kernel time per forward, per kernel; ``--memory-at-peak`` also lists
               the buffers live at the peak of one forward, ``--profile-shapes`` the operators by input
-              shapes.
+              shapes; ``--profile-train`` profiles training steps instead, ``--profile-teacher`` the
+              distillation teacher's forward on a training batch.
 ``floor``     bytes and exp2 the released student must move and compute per size, and the times
               they take at given ceilings (no device needed).
 ``all``       report, scan, fidelity, train and profile in one process.
@@ -652,6 +653,21 @@ def train_step(name: str, device: torch.device, backend: str, batch: int, size: 
     return graphed_step
 
 
+DISTILL_OPTION = osp.join(ROOT, 'options', 'train', 'student_x4.yml')
+
+
+def distillation_teacher(device: torch.device, scan_backend: str = 'auto') -> torch.nn.Module:
+    """The teacher of the paper's distillation (``network_t`` of options/train/student_x4.yml: 192
+    channels, 8 RSSBs, pixelshuffle upsampler) with random weights, none trained being at hand; its
+    time does not depend on them. In eval mode, as DistillSRModel runs it."""
+    import yaml
+    with open(DISTILL_OPTION) as f:
+        spec = dict(yaml.safe_load(f)['network_t'])
+    spec.pop('type')
+    torch.manual_seed(0)
+    return DVMSR(**spec, scan_backend=scan_backend).eval().to(device)
+
+
 def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: Tuple[int, int],
                       ema_update: str = 'dvmsr') -> Tuple[Callable[[], None], object]:
     """One iteration of BasicSR's own model, built from ``option_file`` (its ``model_type``,
@@ -837,16 +853,25 @@ def profiled(work: Callable[[], object], device: torch.device, warmup: int, runs
 
 def run_profile(args, device: torch.device) -> Dict[str, object]:
     height, width = parse_size(args.profile_size)
-    what = f'train step, batch {args.train_batch} at {args.train_size}' if args.profile_train else 'forward'
+    what = ('train step' if args.profile_train else 'teacher forward' if args.profile_teacher else 'forward')
+    if args.profile_train or args.profile_teacher:
+        what += f', batch {args.train_batch} at {args.train_size}'
     results: Dict[str, object] = {'machine': machine_info(device), 'size': args.profile_size, 'what': what,
                                   'cudnn_benchmark': args.cudnn_benchmark, 'tables': {}}
     for backend in args.profile_backends:
         if backend not in ('auto',) + tuple(available_backends(device)):
             continue
-        for name in ('dvmsr', 'rlfn'):
+        for name in ('teacher',) if args.profile_teacher else ('dvmsr', 'rlfn'):
             if name == 'rlfn' and backend != args.profile_backends[0]:
                 continue
-            if args.profile_train:
+            if name == 'teacher':
+                # As a distillation iteration runs it: no autograd, BasicSR's NCHW batch.
+                net = distillation_teacher(device, backend)
+                x = torch.rand(args.train_batch, 3, *parse_size(args.train_size), device=device)
+                if args.channels_last:
+                    net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+                work, mode, switches = partial(net, x), torch.inference_mode(), args.precision
+            elif args.profile_train:
                 work = train_step(name, device, backend, args.train_batch, parse_size(args.train_size),
                                   args.channels_last, args.precision, adam=args.adam)
                 mode, switches = nullcontext(), _tf32_switches(args.precision)
@@ -856,7 +881,7 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                 work, mode, switches = partial(net, x), torch.inference_mode(), args.precision
             with mode, precision(switches, device):
                 prof = profiled(work, device, 3, args.profile_runs, record_shapes=args.profile_shapes)
-            key = f'{name}_{resolve_backend(backend, device) if name == "dvmsr" else "cudnn"}'
+            key = f'{name}_{resolve_backend(backend, device) if name != "rlfn" else "cudnn"}'
             sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
             table = prof.key_averages().table(sort_by=sort, row_limit=40 if args.profile_train else 25,
                                               max_name_column_width=70)
@@ -873,7 +898,7 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
             total = device_ms(prof.events(), args.profile_runs)
             results.setdefault('gpu_ms_per_train_step' if args.profile_train else 'gpu_ms_per_forward', {})[key] = total
             print(f'profile {key}: GPU kernel time {total:.3f} ms per {what}', flush=True)
-            if name == 'dvmsr':
+            if name != 'rlfn':
                 # Registers bound how many programs of a Triton kernel an SM holds, and spills cost loads.
                 from dvmsr_arch.ops.launch import compiled_kernels
                 kernels = compiled_kernels()
@@ -1075,6 +1100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])
     parser.add_argument('--profile-train', action='store_true',
                         help='profile: training steps (--train-batch, --train-size) instead of forwards')
+    parser.add_argument('--profile-teacher', action='store_true',
+                        help="profile: the distillation teacher's forward without autograd (network_t of "
+                        'options/train/student_x4.yml, random weights) on --train-batch patches of --train-size')
     parser.add_argument('--profile-shapes', action='store_true',
                         help="profile: also a table with one row per operator and input shapes")
     parser.add_argument('--memory-at-peak', action='store_true',
@@ -1089,6 +1117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for flag in ('--repeats', '--host-repeats', '--profile-runs'):
         if getattr(args, flag[2:].replace('-', '_')) < 1:
             parser.error(f'{flag} must be at least 1')
+    if args.profile_train and args.profile_teacher:
+        parser.error('--profile-train and --profile-teacher: profile one of them at a time')
     if args.precision == 'fp16' and (args.command == 'train' or args.command == 'profile' and args.profile_train):
         parser.error(FP16_TRAINING)
     args.weights = parse_weights(args.weights)

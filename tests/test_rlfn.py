@@ -125,6 +125,25 @@ def test_benchmark_basicsr_iteration_of_a_distillation():
     assert model.log_dict['l_distill'] > 0 and model.log_dict['l_pix'] > 0
 
 
+def test_benchmark_distillation_teacher_is_the_option_files():
+    benchmark = load_benchmark()
+    teacher = benchmark.distillation_teacher(torch.device('cpu'), 'torch')
+    assert not teacher.training and sum(p.numel() for p in teacher.parameters()) == 7_432_131
+    assert teacher.upsampler == 'pixelshuffle' and teacher.scan_backend == 'torch'
+
+
+def test_benchmark_profiles_the_teacher_forward(tmp_path):
+    benchmark = load_benchmark()
+    out = tmp_path / 'bench'
+    assert benchmark.main(['profile', '--device', 'cpu', '--profile-teacher', '--profile-backends', 'torch',
+                           '--train-batch', '1', '--train-size', '8x12', '--profile-runs', '1', '--out', str(out)]) == 0
+    results = json.loads((out / 'profile.json').read_text())
+    assert list(results['tables']) == ['teacher_torch']
+    assert results['what'] == 'teacher forward, batch 1 at 8x12'
+    with pytest.raises(SystemExit):
+        benchmark.main(['profile', '--device', 'cpu', '--profile-teacher', '--profile-train'])
+
+
 def test_benchmark_peak_of_allocator_trace():
     benchmark = load_benchmark()
 
