@@ -282,9 +282,9 @@ class MambaMixer(nn.Module):
 
     def _scan_weights(self) -> Tuple[Tensor, Tensor]:
         """dt_proj's weight (E, R') with zero columns past R (see ``_x_proj_rows``) and A (E, N) for the
-        Triton scan without autograd. The kernels read
-        both transposed, and they are kept so (see ``derived_tensor``), which spares each call four
-        small kernels (A's exp and sign, two transposing copies)."""
+        Triton scan without autograd. The kernels read both transposed, and they are kept so (see
+        ``derived_tensor``), which spares each call four small kernels (A's exp and sign, two
+        transposing copies)."""
         columns, _ = row_layout(self.dt_rank)  # zero columns past the rank, as ``_x_proj_rows`` gives dt
         weight = derived_tensor(self.dt_proj.weight, ('scan_t', columns),
                                 lambda: padded_dt_weight(self.dt_proj.weight, columns).t().contiguous())
