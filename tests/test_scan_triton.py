@@ -299,6 +299,16 @@ def model_case():
     wide_fused.load_state_dict(wide_reference.state_dict())
     with torch.no_grad(), poisoned_empty():
         result['wide_no_grad_forward'] = max_rel(wide_fused(x), wide_reference(x.double()))
+    # The teachers' upsampler (conv + LeakyReLU, two conv/PixelShuffle stages, a last conv), whose
+    # images stay channels-last between the convolutions; the SR image leaves contiguous.
+    shuffled = dict(kw, upsampler='pixelshuffle', num_feat=8, upscale=4)
+    shuffled_reference = DVMSR(**shuffled, scan_backend='ref').double().eval()
+    shuffled_fused = DVMSR(**shuffled, scan_backend='triton').eval()
+    shuffled_fused.load_state_dict(shuffled_reference.state_dict())
+    with torch.no_grad(), poisoned_empty():
+        out = shuffled_fused(x)
+        result['pixelshuffle_no_grad_forward'] = max_rel(out, shuffled_reference(x.double()))
+        result['pixelshuffle_output_contiguous'] = out.is_contiguous()
     return result
 
 
@@ -543,6 +553,7 @@ def test_network_on_triton_path_matches_ref_network(interpreted):
     assert result['auto_on_cpu'] == 'torch'
     assert result['forward'] < TOL and result['no_grad_forward'] < TOL and result['low_memory_forward'] < TOL
     assert result['wide_no_grad_forward'] < TOL
+    assert result['pixelshuffle_no_grad_forward'] < TOL and result['pixelshuffle_output_contiguous']
     # The RSSB's convolution, conv_after_body and the upsampler's, all from 6 channels padded to 8.
     assert result['no_grad_conv_input_channels'] == [8, 8, 8]
     assert max(result['grads'].values()) < 1e-4, result['grads']
