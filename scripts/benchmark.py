@@ -661,11 +661,11 @@ def distillation_teacher(device: torch.device, scan_backend: str = 'auto') -> to
     channels, 8 RSSBs, pixelshuffle upsampler) with random weights, none trained being at hand; its
     time does not depend on them. In eval mode, as DistillSRModel runs it."""
     import yaml
+    from basicsr.archs import build_network
     with open(DISTILL_OPTION) as f:
-        spec = dict(yaml.safe_load(f)['network_t'])
-    spec.pop('type')
+        spec = yaml.safe_load(f)['network_t']
     torch.manual_seed(0)
-    return DVMSR(**spec, scan_backend=scan_backend).eval().to(device)
+    return build_network(dict(spec, scan_backend=scan_backend)).eval().to(device)
 
 
 def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: Tuple[int, int],
