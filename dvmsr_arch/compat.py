@@ -160,14 +160,20 @@ def model_ema_in_few_launches(self, decay=0.999):
     basicsr issues the two as two GPU kernels per parameter, 212 for the DVMSR student, after the
     iteration's loss logging has waited for the GPU, which then idles while the host issues them;
     multi-tensor operations do the same arithmetic in a few launches (docs/performance.md, version 22).
+
+    The EMA parameters are updated as themselves, not through ``.data`` as basicsr does: writes
+    through ``.data`` leave a parameter's version counter where it was, and DVMSR's fused inference
+    keeps tensors derived from its parameters until that counter moves (``derived_tensor``), so
+    the validation of ``net_g_ema`` on a GPU would go on using the first validation's weights.
     """
     net_g = self.get_bare_model(self.net_g)
     net_g_params = dict(net_g.named_parameters())
     net_g_ema_params = dict(self.net_g_ema.named_parameters())
     keys = list(net_g_ema_params)
-    ema = [net_g_ema_params[k].data for k in keys]
-    torch._foreach_mul_(ema, decay)
-    torch._foreach_add_(ema, [net_g_params[k].data for k in keys], alpha=1 - decay)
+    ema = [net_g_ema_params[k] for k in keys]
+    with torch.no_grad():
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, [net_g_params[k] for k in keys], alpha=1 - decay)
 
 
 _base_model.BaseModel.model_ema = model_ema_in_few_launches

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dvmsr_arch  # noqa: F401  (registers the networks and models)
-from dvmsr_arch.archs.dvmsr_arch import DVMSR
+from dvmsr_arch.archs.dvmsr_arch import DVMSR, derived_tensor
 from dvmsr_arch.models.distill_model import DistillSRModel
 
 SCALE = 4
@@ -141,6 +141,20 @@ def test_ema_follows_the_student(tmp_path):
         torch.testing.assert_close(value, 0.5 * ema_before[key] + 0.5 * student[key])
         changed += not torch.equal(value, ema_before[key])
     assert changed > 0
+
+
+def test_ema_update_renews_what_inference_derived_from_the_ema_weights(tmp_path):
+    """The fused inference path keeps tensors derived from a parameter until its version counter
+    moves; an EMA update must move it, or the EMA network's validation on a GPU keeps old weights."""
+    torch.manual_seed(0)
+    model = DistillSRModel(make_opt(tmp_path, save_teacher(tmp_path / 't.pth'), ema_decay=0.5))
+    weights = [p for p in model.net_g_ema.parameters() if p.dim() > 1]
+    before = [derived_tensor(w, 'test_copy', w.detach().clone) for w in weights]
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    after = [derived_tensor(w, 'test_copy', w.detach().clone) for w in weights]
+    assert all(torch.equal(derived, w) for derived, w in zip(after, weights))
+    assert any(not torch.equal(old, new) for old, new in zip(before, after))
 
 
 @pytest.mark.parametrize('decay', [0.999, 0.5])
