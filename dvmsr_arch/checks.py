@@ -8,7 +8,8 @@ before any GPU memory is taken and before anything in ``experiments/`` is touche
 
 What is checked (see ``docs/robustness.md``):
 
-* the keys every run needs, numbers that are numbers, and ``tf32`` (if given) true or false;
+* the keys every run needs, numbers that are numbers, ``tf32`` (if given) true or false, and
+  ``train.cuda_graph`` (if given) true or false, for a model that reads it;
 * every ``network_*``: a registered ``type``, only keys its constructor takes, a constructor that
   accepts the values (an unknown ``scan_backend`` included) and a scan backend that can run on the
   device the run will use;
@@ -256,6 +257,24 @@ def _check_required_keys(opt: dict) -> None:
                              '(paper Eq. 5: pixel_opt, L1Loss)')
     if 'tf32' in opt and not isinstance(opt['tf32'], bool):
         raise InputError(f'{opt["opt_file"]}: tf32 must be true or false, not {opt["tf32"]!r}')
+    if opt['is_train'] and 'cuda_graph' in opt['train']:
+        _check_cuda_graph(opt)
+
+
+def _check_cuda_graph(opt: dict) -> None:
+    """``train.cuda_graph`` is true or false, and the model is one that reads it: basicsr's SRModel
+    would silently train without the graph."""
+    from basicsr.utils.registry import MODEL_REGISTRY
+
+    from dvmsr_arch.models.dvmsr_model import DVMSRModel
+    wanted = opt['train']['cuda_graph']
+    if not isinstance(wanted, bool):
+        raise InputError(f'{opt["opt_file"]}: train.cuda_graph must be true or false, not {wanted!r}')
+    model_type = opt.get('model_type', 'SRModel')
+    model = MODEL_REGISTRY.get(model_type) if model_type in MODEL_REGISTRY else None
+    if wanted and not (isinstance(model, type) and issubclass(model, DVMSRModel)):
+        raise InputError(f'{opt["opt_file"]}: train.cuda_graph needs model_type DVMSRModel (SRModel with the '
+                         f'graph) or DistillSRModel, not {model_type}')
 
 
 NETWORK_PATH_KEYS = ('pretrain_network_', 'strict_load_', 'param_key_')

@@ -17,7 +17,8 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
               the forward), the CPU time to issue it, and gradients against float64 (true fp32, and
               under the autocast of --precision); ``--cuda-graph`` times replays of the whole step;
               ``--basicsr-option FILE`` also whole iterations of BasicSR's model for an option file
-              (losses, optimizer and EMA update as it sets them, without data loading).
+              (losses, optimizer and EMA update as it sets them, without data loading), and with
+              ``--basicsr-cuda-graph`` that iteration recorded as one CUDA graph (``train.cuda_graph``).
 ``profile``   PyTorch profiler, GPU kernel time per forward, per kernel; ``--memory-at-peak`` also lists
               the buffers live at the peak of one forward, ``--profile-shapes`` the operators by input
               shapes; ``--profile-train`` profiles training steps instead, ``--profile-teacher`` the
@@ -669,7 +670,7 @@ def distillation_teacher(device: torch.device, scan_backend: str = 'auto') -> to
 
 
 def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: Tuple[int, int],
-                      ema_update: str = 'dvmsr') -> Tuple[Callable[[], None], object]:
+                      ema_update: str = 'dvmsr', cuda_graph: bool = False) -> Tuple[Callable[[], None], object]:
     """One iteration of BasicSR's own model, built from ``option_file`` (its ``model_type``,
     ``network_g`` and ``train`` section: losses, optimizer, EMA), on fixed random patches:
     ``feed_data`` and ``optimize_parameters``, which waits for the GPU to log the losses and then
@@ -677,7 +678,10 @@ def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: 
     data. A distillation (``network_t``) gets a teacher with random weights. The precision switches
     are the caller's; the networks keep BasicSR's NCHW layout.
     ``ema_update='basicsr'`` puts back basicsr's own per-parameter EMA update (see
-    ``dvmsr_arch.compat``) to measure what the project's saves. Returns the step and the model."""
+    ``dvmsr_arch.compat``) to measure what the project's saves. ``cuda_graph`` sets
+    ``train.cuda_graph`` (an SRModel file gets DVMSRModel, which is SRModel with that option), so that
+    after its warm-up iterations the model replays its step as one CUDA graph. Returns the step and
+    the model."""
     import logging
     import tempfile
 
@@ -690,6 +694,10 @@ def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: 
         opt = yaml.safe_load(f)
     opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=int(device.type == 'cuda'))
     opt['path'] = {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None}
+    if cuda_graph:
+        opt['train']['cuda_graph'] = True
+        if opt['model_type'] == 'SRModel':
+            opt['model_type'] = 'DVMSRModel'
     logging.getLogger('basicsr').setLevel(logging.WARNING)  # its network summary would fill the output
     with tempfile.TemporaryDirectory() as folder:
         if 'network_t' in opt:
@@ -719,25 +727,31 @@ def time_basicsr_iterations(args, device: torch.device, size: Tuple[int, int]) -
     """BasicSR's iteration for ``--basicsr-option``, with the project's EMA update and with basicsr's
     own, timed in turns (one iteration of each, repeatedly), so that both see the same state of the
     machine; then each EMA update alone, from an idle GPU, which is how an iteration meets it (the
-    loss logging before it waits for the GPU)."""
+    loss logging before it waits for the GPU). With ``--basicsr-cuda-graph`` also the iteration
+    recorded as a CUDA graph (``train.cuda_graph``), in the same turns."""
+    from dvmsr_arch.models.dvmsr_model import WARMUP_ITERATIONS
     name = osp.splitext(osp.basename(args.basicsr_option))[0]
-    models = {update: basicsr_iteration(args.basicsr_option, device, args.train_batch, size, update)
-              for update in ('dvmsr', 'basicsr')}
-    times: Dict[str, List[float]] = {update: [] for update in models}
+    variants = {'ema_dvmsr': ('dvmsr', False), 'ema_basicsr': ('basicsr', False)}
+    if args.basicsr_cuda_graph and device.type == 'cuda':
+        variants['cuda_graph'] = ('dvmsr', True)
+    models = {variant: basicsr_iteration(args.basicsr_option, device, args.train_batch, size, update, graph)
+              for variant, (update, graph) in variants.items()}
+    times: Dict[str, List[float]] = {variant: [] for variant in models}
     with precision(_tf32_switches(args.precision), device):
-        for _ in range(args.warmup):
+        # The graph's own warm-up iterations and its recording come before the timed ones.
+        for _ in range(args.warmup + WARMUP_ITERATIONS + 1):
             for step, _model in models.values():
                 step()
         for _ in range(args.repeats):
-            for update, (step, _model) in models.items():
-                times[update] += time_calls(step, device, 0, 1)
+            for variant, (step, _model) in models.items():
+                times[variant] += time_calls(step, device, 0, 1)
     results = {}
-    for update, (step, model) in models.items():
+    for variant, (step, model) in models.items():
         decay = model.ema_decay
         ema_times = time_calls(lambda model=model, decay=decay: model.model_ema(decay), device, args.warmup,
-                               args.repeats) if decay > 0 else None
-        key = f'basicsr_{name}_ema_{update}'
-        results[key] = summary(times[update])
+                               args.repeats) if decay > 0 and variant != 'cuda_graph' else None
+        key = f'basicsr_{name}_{variant}'
+        results[key] = summary(times[variant])
         if ema_times:
             results[key]['ema_update_median_ms'] = statistics.median(ema_times)
         print(f'train step {key}: median {results[key]["median_ms"]:.2f} ms'
@@ -1095,6 +1109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="train, profile --profile-train: PyTorch's Adam implementation for the timed steps")
     parser.add_argument('--basicsr-option', help='train: also time whole iterations of BasicSR\'s model for this '
                         'option file (e.g. options/train/student_x4.yml, whose teacher gets random weights)')
+    parser.add_argument('--basicsr-cuda-graph', action='store_true',
+                        help='train: with --basicsr-option, also time that iteration recorded as one CUDA graph '
+                             '(train.cuda_graph: true)')
     parser.add_argument('--profile-size', default='339x510')
     parser.add_argument('--profile-runs', type=int, default=5)
     parser.add_argument('--profile-backends', nargs='+', default=['triton'])

@@ -290,6 +290,21 @@ def test_tf32_that_is_not_a_boolean(tmp_path, monkeypatch, data, experiment, val
     assert problem(tmp_path, monkeypatch, opt).endswith(f'opt.yml: tf32 must be true or false, not {value!r}')
 
 
+@pytest.mark.parametrize('value', ['yes', 1])
+def test_cuda_graph_that_is_not_a_boolean(tmp_path, monkeypatch, data, experiment, value):
+    opt = tiny.training_options(experiment, model='DVMSRModel', **data['lmdb'])
+    opt['train']['cuda_graph'] = value
+    assert problem(tmp_path, monkeypatch, opt).endswith(
+        f'opt.yml: train.cuda_graph must be true or false, not {value!r}')
+
+
+def test_cuda_graph_for_a_model_that_ignores_it(tmp_path, monkeypatch, data, experiment):
+    opt = tiny.training_options(experiment, **data['lmdb'])  # basicsr's SRModel
+    opt['train']['cuda_graph'] = True
+    assert problem(tmp_path, monkeypatch, opt).endswith(
+        'opt.yml: train.cuda_graph needs model_type DVMSRModel (SRModel with the graph) or DistillSRModel, not SRModel')
+
+
 @pytest.mark.parametrize('value', [True, False, None])
 def test_tf32_sets_both_switches_or_leaves_them(value, torch_tf32_defaults):
     checks.apply_tf32({} if value is None else {'tf32': value})

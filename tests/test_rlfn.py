@@ -114,6 +114,17 @@ def test_benchmark_basicsr_iteration_with_either_ema_update():
     assert all(torch.equal(a, b) for a, b in zip(ema['dvmsr'], ema['basicsr']))
 
 
+def test_benchmark_basicsr_iteration_asks_for_the_cuda_graph():
+    """With cuda_graph an SRModel file runs as DVMSRModel with train.cuda_graph (eager on a CPU)."""
+    benchmark = load_benchmark()
+    option = str(REPO / 'options' / 'train' / 'student_x4_nodistill.yml')
+    step, model = benchmark.basicsr_iteration(option, torch.device('cpu'), 1, (8, 8), cuda_graph=True)
+    assert type(model).__name__ == 'DVMSRModel' and model.opt['train']['cuda_graph'] is True
+    assert model.training_graph is None
+    step()
+    assert model.log_dict['l_pix'] > 0
+
+
 def test_benchmark_basicsr_iteration_of_a_distillation():
     """A distillation's option file runs with a teacher of random weights, which the model loads."""
     benchmark = load_benchmark()

@@ -2,17 +2,17 @@
 from collections import OrderedDict
 from contextlib import contextmanager
 from os import path as osp
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
-from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import Tensor, nn
 
 from dvmsr_arch.checks import describe_state_dict_mismatch
+from dvmsr_arch.models.dvmsr_model import DVMSRModel
 
 DISTILL_POSITIONS = ('output', 'body', 'mid')
 # Paper Eq. 5 with lambda_dis = 1: what `train.distill_opt` means when it is left out.
@@ -71,8 +71,8 @@ def features_on_call(net: nn.Module, bare: nn.Module) -> Iterator[None]:
 
 
 @MODEL_REGISTRY.register()
-class DistillSRModel(SRModel):
-    """SRModel whose student ``network_g`` also learns from a frozen teacher ``network_t``.
+class DistillSRModel(DVMSRModel):
+    """DVMSRModel whose student ``network_g`` also learns from a frozen teacher ``network_t``.
 
     The loss is ``pixel_opt(S(x), HR) + distill_opt(S, T)`` (paper Eq. 5; each term's ``loss_weight``
     is its lambda). What is matched depends on ``train.distill_position``:
@@ -90,7 +90,8 @@ class DistillSRModel(SRModel):
     The teacher is built from ``network_t`` and loaded from ``path.pretrain_network_t`` (key
     ``path.param_key_t``, default ``params_ema``; ``strict_load_t``, default true). It stays in eval
     mode without gradients, outside the optimizer, unwrapped by DDP, and is never saved or resumed.
-    Only training needs it: for testing this model behaves as SRModel.
+    Only training needs it: for testing this model behaves as SRModel. ``train.cuda_graph`` records
+    the teacher's forward in the step's graph too (see DVMSRModel).
     """
 
     def init_training_settings(self) -> None:
@@ -168,7 +169,10 @@ class DistillSRModel(SRModel):
         if self.adapter is not None:  # one optimizer, so the LR schedule and resume cover both
             self.optimizer_g.add_param_group({'params': list(self.adapter.parameters())})
 
-    def optimize_parameters(self, current_iter: int) -> None:
+    def trained_networks(self) -> List[nn.Module]:
+        return super().trained_networks() + ([self.adapter] if self.adapter is not None else [])
+
+    def training_step(self, current_iter: int) -> None:
         self.optimizer_g.zero_grad()
         with torch.no_grad():
             if self.distill_position == 'output':
