@@ -139,11 +139,11 @@ class DVMSRModel(SRModel):
     ``WARMUP_ITERATIONS`` eager iterations the forward, losses, backward, optimizer step and EMA
     update are recorded and then replayed for each batch, so the GPU does not wait for Python to
     issue some hundreds of kernels per iteration. It needs fixed batch shapes (BasicSR's training
-    loader keeps whole batches of ``gt_size`` patches); Adam, the optimizer BasicSR builds, runs in its
-    ``capturable`` mode. The losses are still logged and the schedule still sets the learning rate.
-    Without a CUDA device, and on several GPUs (DDP or DataParallel), the step runs eagerly. The step must not
-    depend on ``current_iter`` or on host-side values other than the learning rate.
-    Everything else is SRModel's.
+    loader keeps whole batches of ``gt_size`` patches); Adam, the optimizer BasicSR builds, runs in
+    its ``capturable`` mode. The losses are still logged and the schedule still sets the learning
+    rate. Without a CUDA device, and on several GPUs (DDP or DataParallel), the step runs eagerly.
+    A subclass's ``training_step`` must not depend on ``current_iter`` or on host-side values other
+    than the learning rate, which a replay would not see. Everything else is SRModel's.
     """
 
     def init_training_settings(self) -> None:
