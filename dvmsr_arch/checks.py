@@ -8,8 +8,9 @@ before any GPU memory is taken and before anything in ``experiments/`` is touche
 
 What is checked (see ``docs/robustness.md``):
 
-* the keys every run needs, numbers that are numbers, ``tf32`` (if given) true or false, and
-  ``train.cuda_graph`` (if given) true or false, for a model that reads it;
+* the keys every run needs, numbers that are numbers, ``tf32`` (if given) true or false,
+  ``train.cuda_graph`` (if given) true or false, for a model that reads it, and
+  ``train.teacher_precision`` (if given) a precision, for a run with a teacher;
 * every ``network_*``: a registered ``type``, only keys its constructor takes, a constructor that
   accepts the values (an unknown ``scan_backend`` included) and a scan backend that can run on the
   device the run will use;
@@ -259,6 +260,19 @@ def _check_required_keys(opt: dict) -> None:
         raise InputError(f'{opt["opt_file"]}: tf32 must be true or false, not {opt["tf32"]!r}')
     if opt['is_train'] and 'cuda_graph' in opt['train']:
         _check_cuda_graph(opt)
+    if opt['is_train'] and 'teacher_precision' in opt['train']:
+        _check_teacher_precision(opt)
+
+
+def _check_teacher_precision(opt: dict) -> None:
+    """``train.teacher_precision`` names a precision, for a model with a teacher."""
+    from dvmsr_arch.models.distill_model import TEACHER_PRECISIONS
+    precision = opt['train']['teacher_precision']
+    if precision not in TEACHER_PRECISIONS:
+        raise InputError(f'{opt["opt_file"]}: train.teacher_precision must be one of '
+                         f'{", ".join(TEACHER_PRECISIONS)}, not {precision!r}')
+    if 'network_t' not in opt:
+        raise InputError(f'{opt["opt_file"]}: train.teacher_precision is set, but there is no teacher (network_t)')
 
 
 def _check_cuda_graph(opt: dict) -> None:

@@ -670,7 +670,8 @@ def distillation_teacher(device: torch.device, scan_backend: str = 'auto') -> to
 
 
 def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: Tuple[int, int],
-                      ema_update: str = 'dvmsr', cuda_graph: bool = False) -> Tuple[Callable[[], None], object]:
+                      ema_update: str = 'dvmsr', cuda_graph: bool = False,
+                      settings: Sequence[str] = ()) -> Tuple[Callable[[], None], object]:
     """One iteration of BasicSR's own model, built from ``option_file`` (its ``model_type``,
     ``network_g`` and ``train`` section: losses, optimizer, EMA), on fixed random patches:
     ``feed_data`` and ``optimize_parameters``, which waits for the GPU to log the losses and then
@@ -680,8 +681,9 @@ def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: 
     ``ema_update='basicsr'`` puts back basicsr's own per-parameter EMA update (see
     ``dvmsr_arch.compat``) to measure what the project's saves. ``cuda_graph`` sets
     ``train.cuda_graph`` (an SRModel file gets DVMSRModel, which is SRModel with that option), so that
-    after its warm-up iterations the model replays its step as one CUDA graph. Returns the step and
-    the model."""
+    after its warm-up iterations the model replays its step as one CUDA graph. ``settings``: option
+    values to set first, each ``key:key=value`` as BasicSR's ``--force_yml`` writes them (the value
+    read as YAML). Returns the step and the model."""
     import logging
     import tempfile
 
@@ -694,6 +696,13 @@ def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: 
         opt = yaml.safe_load(f)
     opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=int(device.type == 'cuda'))
     opt['path'] = {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None}
+    for setting in settings:
+        keys, value = setting.split('=', 1)
+        node = opt
+        *parents, last = keys.split(':')
+        for key in parents:
+            node = node[key]
+        node[last] = yaml.safe_load(value)
     if cuda_graph:
         opt['train']['cuda_graph'] = True
         if opt['model_type'] == 'SRModel':
@@ -734,7 +743,8 @@ def time_basicsr_iterations(args, device: torch.device, size: Tuple[int, int]) -
     variants = {'ema_dvmsr': ('dvmsr', False), 'ema_basicsr': ('basicsr', False)}
     if args.basicsr_cuda_graph and device.type == 'cuda':
         variants['cuda_graph'] = ('dvmsr', True)
-    models = {variant: basicsr_iteration(args.basicsr_option, device, args.train_batch, size, update, graph)
+    models = {variant: basicsr_iteration(args.basicsr_option, device, args.train_batch, size, update, graph,
+                                         args.basicsr_set)
               for variant, (update, graph) in variants.items()}
     times: Dict[str, List[float]] = {variant: [] for variant in models}
     with precision(_tf32_switches(args.precision), device):
@@ -1109,6 +1119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="train, profile --profile-train: PyTorch's Adam implementation for the timed steps")
     parser.add_argument('--basicsr-option', help='train: also time whole iterations of BasicSR\'s model for this '
                         'option file (e.g. options/train/student_x4.yml, whose teacher gets random weights)')
+    parser.add_argument('--basicsr-set', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='train: with --basicsr-option, option values to set first, as --force_yml writes them '
+                             '(e.g. train:teacher_precision=fp16)')
     parser.add_argument('--basicsr-cuda-graph', action='store_true',
                         help='train: with --basicsr-option, also time that iteration recorded as one CUDA graph '
                              '(train.cuda_graph: true)')

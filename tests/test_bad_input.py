@@ -305,6 +305,16 @@ def test_cuda_graph_for_a_model_that_ignores_it(tmp_path, monkeypatch, data, exp
         'opt.yml: train.cuda_graph needs model_type DVMSRModel (SRModel with the graph) or DistillSRModel, not SRModel')
 
 
+def test_teacher_precision_that_is_not_one_or_without_a_teacher(tmp_path, monkeypatch, data, experiment):
+    opt = tiny.training_options(experiment, **data['lmdb'])
+    opt['train']['teacher_precision'] = 'fp16'
+    assert problem(tmp_path, monkeypatch, opt).endswith(
+        'opt.yml: train.teacher_precision is set, but there is no teacher (network_t)')
+    opt['train']['teacher_precision'] = 'half'
+    assert problem(tmp_path, monkeypatch, opt).endswith(
+        "opt.yml: train.teacher_precision must be one of fp32, fp16, bf16, not 'half'")
+
+
 @pytest.mark.parametrize('value', [True, False, None])
 def test_tf32_sets_both_switches_or_leaves_them(value, torch_tf32_defaults):
     checks.apply_tf32({} if value is None else {'tf32': value})

@@ -114,6 +114,37 @@ def test_loss_is_the_weighted_sum_and_the_teacher_stays_frozen(tmp_path, positio
         assert {id(p) for p in model.adapter.parameters()} <= optimised
 
 
+@pytest.mark.parametrize('position', ['output', 'body'])
+def test_teacher_precision_runs_the_teacher_under_autocast(tmp_path, position):
+    """train.teacher_precision bf16: the distillation term is the one of a bf16-autocast teacher (the
+    student and the pixel term as in fp32), and not the fp32 teacher's."""
+    torch.manual_seed(0)
+    opt = make_opt(tmp_path, save_teacher(tmp_path / 't.pth'), position=position)
+    opt['train']['teacher_precision'] = 'bf16'
+    model = DistillSRModel(opt)
+    data = batch()
+    student, teacher, adapter = (copy.deepcopy(m) for m in (model.net_g, model.net_t, model.adapter))
+    with torch.no_grad():
+        s_out, s_feat = student.forward_with_features(data['lq'])
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            t_out, t_feat = teacher.forward_with_features(data['lq'])
+        t_fp32 = teacher.forward_with_features(data['lq'])
+        s, t, t32 = ((s_out, t_out, t_fp32[0]) if position == 'output'
+                     else (adapter(s_feat['body']), t_feat['body'].float(), t_fp32[1]['body']))
+    model.feed_data(data)
+    model.optimize_parameters(1)
+    assert model.log_dict['l_pix'] == pytest.approx(PIXEL_WEIGHT * F.l1_loss(s_out, data['gt']).item(), rel=1e-5)
+    assert model.log_dict['l_distill'] == pytest.approx(DISTILL_WEIGHT * F.l1_loss(s, t).item(), rel=1e-5)
+    assert model.log_dict['l_distill'] != pytest.approx(DISTILL_WEIGHT * F.l1_loss(s, t32).item(), rel=1e-5)
+
+
+def test_teacher_precision_that_is_not_one_names_the_key(tmp_path):
+    opt = make_opt(tmp_path, save_teacher(tmp_path / 't.pth'))
+    opt['train']['teacher_precision'] = 'half'
+    with pytest.raises(ValueError, match=r"train\.teacher_precision: 'half' is not one of"):
+        DistillSRModel(opt)
+
+
 def test_equal_widths_need_no_adapter_and_l2_is_mse(tmp_path):
     same_width = dict(TEACHER, embed_dim=8)
     teacher = save_teacher(tmp_path / 't.pth', net_opt=same_width)

@@ -136,6 +136,16 @@ def test_benchmark_basicsr_iteration_of_a_distillation():
     assert model.log_dict['l_distill'] > 0 and model.log_dict['l_pix'] > 0
 
 
+def test_benchmark_basicsr_iteration_takes_option_settings():
+    benchmark = load_benchmark()
+    step, model = benchmark.basicsr_iteration(str(REPO / 'options' / 'train' / 'student_x4.yml'),
+                                              torch.device('cpu'), 1, (4, 4),
+                                              settings=['train:teacher_precision=bf16', 'train:ema_decay=0'])
+    assert model.teacher_dtype == torch.bfloat16 and model.ema_decay == 0
+    step()
+    assert model.log_dict['l_distill'] > 0
+
+
 def test_benchmark_distillation_teacher_is_the_option_files():
     benchmark = load_benchmark()
     teacher = benchmark.distillation_teacher(torch.device('cpu'), 'torch')
