@@ -21,7 +21,7 @@ GPU_TEACHER = {'upscale': SCALE, 'embed_dim': 32, 'depths': [1, 1], 'd_state': 1
 
 
 def make_opt(tmp_path, *, model_type='DVMSRModel', net=TINY, cuda_graph=None, ema_decay=0.5,
-             num_gpu=0, teacher=None):
+             num_gpu=0, teacher=None, teacher_precision='fp32'):
     train = {
         'ema_decay': ema_decay,
         'optim_g': {'type': 'Adam', 'lr': 1e-3, 'weight_decay': 0, 'betas': [0.9, 0.99]},
@@ -43,6 +43,7 @@ def make_opt(tmp_path, *, model_type='DVMSRModel', net=TINY, cuda_graph=None, em
         torch.save({'params_ema': DVMSR(**teacher).state_dict()}, tmp_path / 'teacher.pth')
         opt.update(network_t={'type': 'DVMSR', **teacher})
         opt['path']['pretrain_network_t'] = str(tmp_path / 'teacher.pth')
+        opt['train']['teacher_precision'] = teacher_precision
     return opt
 
 
@@ -105,16 +106,20 @@ def fp32_and_fixed_algorithms():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU')
-@pytest.mark.parametrize('model_class, teacher', [(DVMSRModel, None), (DistillSRModel, GPU_TEACHER)],
-                         ids=['sr', 'distill'])
-def test_cuda_graph_training_on_gpu_follows_the_eager_steps(tmp_path, model_class, teacher, fp32_and_fixed_algorithms):
+@pytest.mark.parametrize('model_class, teacher, teacher_precision',
+                         [(DVMSRModel, None, None), (DistillSRModel, GPU_TEACHER, 'fp32'),
+                          (DistillSRModel, GPU_TEACHER, 'fp16')], ids=['sr', 'distill', 'distill_fp16_teacher'])
+def test_cuda_graph_training_on_gpu_follows_the_eager_steps(tmp_path, model_class, teacher, teacher_precision,
+                                                            fp32_and_fixed_algorithms):
     """Graph replays give the eager iterations' weights, EMA weights and losses; they take the
     schedule's learning rate, train a batch of another shape eagerly, and leave the EMA network's
     fused inference on its current weights, not the ones it saw at an earlier validation."""
     steps = WARMUP_ITERATIONS + 4
     data = batches(steps + 2, lq_side=16, device='cuda')
-    eager = build(model_class, make_opt(tmp_path / 'e', net=GPU_NET, num_gpu=1, teacher=teacher))
-    graphed = build(model_class, make_opt(tmp_path / 'g', net=GPU_NET, num_gpu=1, cuda_graph=True, teacher=teacher))
+    eager = build(model_class, make_opt(tmp_path / 'e', net=GPU_NET, num_gpu=1, teacher=teacher,
+                                        teacher_precision=teacher_precision))
+    graphed = build(model_class, make_opt(tmp_path / 'g', net=GPU_NET, num_gpu=1, cuda_graph=True, teacher=teacher,
+                                          teacher_precision=teacher_precision))
     assert graphed.training_graph is not None and eager.training_graph is None
 
     def both(batches_, first_iter):
