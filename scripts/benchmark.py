@@ -697,10 +697,14 @@ def basicsr_iteration(option_file: str, device: torch.device, batch: int, size: 
     opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=int(device.type == 'cuda'))
     opt['path'] = {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None}
     for setting in settings:
-        keys, value = setting.split('=', 1)
+        keys, equals, value = setting.partition('=')
+        if not equals:
+            raise ValueError(f'--basicsr-set {setting}: write key:key=value, as train:teacher_precision=fp16')
         node = opt
         *parents, last = keys.split(':')
         for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise ValueError(f'--basicsr-set {setting}: {option_file} has no section {key}')
             node = node[key]
         node[last] = yaml.safe_load(value)
     if cuda_graph:

@@ -144,6 +144,10 @@ def test_benchmark_basicsr_iteration_takes_option_settings():
     assert model.teacher_dtype == torch.bfloat16 and model.ema_decay == 0
     step()
     assert model.log_dict['l_distill'] > 0
+    for setting, message in (('train:ema_decay', 'write key:key=value'), ('trian:ema_decay=0', 'no section trian')):
+        with pytest.raises(ValueError, match=message):
+            benchmark.basicsr_iteration(str(REPO / 'options' / 'train' / 'student_x4.yml'), torch.device('cpu'), 1,
+                                        (4, 4), settings=[setting])
 
 
 def test_benchmark_distillation_teacher_is_the_option_files():
