@@ -94,8 +94,10 @@ def build_model(name: str, device: torch.device, scan_backend: str = 'auto', wei
         net = DVMSR(scan_backend=scan_backend)
     elif name == 'rlfn':
         net = RLFN()
+    elif name == 'teacher':
+        net = distillation_teacher(device, scan_backend)
     else:
-        raise SystemExit(f'unknown model {name!r}: use dvmsr or rlfn')
+        raise SystemExit(f'unknown model {name!r}: use dvmsr, rlfn or teacher')
     if weights and osp.isfile(weights):
         load_weights(net, weights)
     net = net.eval().to(device)
@@ -894,10 +896,10 @@ def run_profile(args, device: torch.device) -> Dict[str, object]:
                 continue
             if name == 'teacher':
                 # As a distillation iteration runs it: no autograd, BasicSR's NCHW batch.
-                net = distillation_teacher(device, backend)
+                net = build_model(name, device, backend, None, args.channels_last)
                 x = torch.rand(args.train_batch, 3, *parse_size(args.train_size), device=device)
                 if args.channels_last:
-                    net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+                    x = x.contiguous(memory_format=torch.channels_last)
                 work, mode, switches = partial(net, x), torch.inference_mode(), args.precision
             elif args.profile_train:
                 work = train_step(name, device, backend, args.train_batch, parse_size(args.train_size),
