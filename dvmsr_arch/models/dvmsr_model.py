@@ -49,10 +49,10 @@ class TrainingGraph:
         elif not self._copy_inputs():
             model.training_step(current_iter)
             return
-        for group, rate, value in self.learning_rates:
+        for i, (group, rate, value) in enumerate(self.learning_rates):
             if group['lr'] != value:
                 rate.fill_(group['lr'])
-        self.learning_rates = [(group, rate, group['lr']) for group, rate, _ in self.learning_rates]
+                self.learning_rates[i] = (group, rate, group['lr'])
         self.graph.replay()
         for weight in self.weights:
             torch.autograd.graph.increment_version(weight)
