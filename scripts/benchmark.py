@@ -24,7 +24,8 @@ Subcommands (each writes ``<name>.json`` into ``--out``; ``report`` and ``profil
               shapes; ``--profile-train`` profiles training steps instead, ``--profile-teacher`` the
               distillation teacher's forward on a training batch.
 ``floor``     bytes and exp2 the released student must move and compute per size, and the times
-              they take at given ceilings (no device needed).
+              they take at given ceilings (no device needed); also the exp2 of a training step's
+              scan kernels and its saved states' bytes (--train-batch, --train-size).
 ``all``       report, scan, fidelity, train and profile in one process.
 
 Precision modes: ``fp32`` (true fp32: no TF32 anywhere), ``tf32`` (the default fast mode: TF32
@@ -1027,6 +1028,28 @@ def floor_per_token(embed: int = 60, inner: int = 120, state: int = 16, rank: in
             'tensor_flops': matmul_flops + conv_flops}
 
 
+def train_scan_floor(batch: int, height: int, width: int, inner: int = 120, state: int = 16,
+                     vimms: int = 8) -> Dict[str, float]:
+    """The exp2 that a training step's scan kernels take per state, and the bytes of the states the
+    forward saves for the backward, with the configured backward shape (``BACKWARD_CONFIG``).
+
+    Per channel, state and token: one decay in the forward's summary and output passes and in the
+    backward's summary pass (the two summary passes skip one chunk a sequence), and in the
+    gradients kernel one per token plus one for each token it re-steps: a tile of T tokens goes
+    back in runs of 4, and the run starting at offset k first steps from the tile start through
+    k + 3 tokens. Softplus, the gate and the other per-channel work come on top."""
+    from dvmsr_arch.ops.scan_triton import BACKWARD_CONFIG
+    tile, chunk = BACKWARD_CONFIG.tile, BACKWARD_CONFIG.tile * BACKWARD_CONFIG.tiles_per_chunk
+    length = height * width
+    chunks = -(-length // chunk)
+    summarised = (chunks - 1) / chunks
+    restepped = sum(k + 3 for k in range(0, tile, 4)) / tile
+    per_state = 2 * summarised + 1 + 1 + restepped
+    elements = batch * length * inner * state * vimms
+    saved_bytes = 2 * batch * -(-length // tile) * inner * state * 4 * vimms  # written, then read back
+    return {'exp2': per_state * elements, 'exp2_per_state_and_token': per_state, 'saved_state_bytes': saved_bytes}
+
+
 def run_floor(args, device: torch.device) -> Dict[str, object]:
     """Lower bounds per forward from the counts above and the device's ceilings."""
     per_token = floor_per_token(element_bytes=2 if args.precision in ('fp16', 'bf16') else 4)
@@ -1046,6 +1069,15 @@ def run_floor(args, device: torch.device) -> Dict[str, object]:
                                        scan_exp2_ms=exp_ms, tensor_ms=tensor_ms, floor_ms=structure_ms)
         print(f'floor {label:>10s}: {per_token["bytes"] * tokens / 1e9:6.2f} GB -> {memory_ms:7.3f} ms; '
               f'scan exp2 {exp_ms:7.3f} ms; tensor {tensor_ms:6.3f} ms; structure floor {structure_ms:7.3f} ms')
+    height, width = parse_size(args.train_size)
+    train = train_scan_floor(args.train_batch, height, width)
+    train.update(batch=args.train_batch, size=args.train_size, exp2_ms=train['exp2'] / args.exp2_rate * 1e3,
+                 saved_state_ms=train['saved_state_bytes'] / bandwidth * 1e3)
+    results['train_scan'] = train
+    print(f'floor train step, batch {args.train_batch} at {args.train_size}: the scan kernels\' '
+          f'{train["exp2"] / 1e9:.2f}e9 exp2 ({train["exp2_per_state_and_token"]:.2f} per state and token) '
+          f'-> {train["exp2_ms"]:.3f} ms; saved states {train["saved_state_bytes"] / 1e9:.2f} GB '
+          f'-> {train["saved_state_ms"]:.3f} ms')
     return results
 
 
