@@ -1031,20 +1031,23 @@ def floor_per_token(embed: int = 60, inner: int = 120, state: int = 16, rank: in
 def train_scan_floor(batch: int, height: int, width: int, inner: int = 120, state: int = 16,
                      vimms: int = 8) -> Dict[str, float]:
     """The exp2 that a training step's scan kernels take per state, and the bytes of the states the
-    forward saves for the backward, with the configured backward shape (``BACKWARD_CONFIG``).
+    forward saves for the backward, with the configured shapes (``FORWARD_CONFIG``'s chunks, which a
+    GPU may lengthen to fill whole waves, and ``BACKWARD_CONFIG``).
 
     Per channel, state and token: one decay in the forward's summary and output passes and in the
-    backward's summary pass (the two summary passes skip one chunk a sequence), and in the
+    backward's summary pass (each summary pass leaves out one chunk a sequence), and in the
     gradients kernel one per token plus one for each token it re-steps: a tile of T tokens goes
     back in runs of 4, and the run starting at offset k first steps from the tile start through
     k + 3 tokens. Softplus, the gate and the other per-channel work come on top."""
-    from dvmsr_arch.ops.scan_triton import BACKWARD_CONFIG
-    tile, chunk = BACKWARD_CONFIG.tile, BACKWARD_CONFIG.tile * BACKWARD_CONFIG.tiles_per_chunk
-    length = height * width
-    chunks = -(-length // chunk)
-    summarised = (chunks - 1) / chunks
+    from dvmsr_arch.ops.scan_triton import BACKWARD_CONFIG, FORWARD_CONFIG
+    length, tile = height * width, BACKWARD_CONFIG.tile
+
+    def summarised(cfg) -> float:
+        chunks = -(-length // (cfg.tile * cfg.tiles_per_chunk))
+        return (chunks - 1) / chunks
+
     restepped = sum(k + 3 for k in range(0, tile, 4)) / tile
-    per_state = 2 * summarised + 1 + 1 + restepped
+    per_state = summarised(FORWARD_CONFIG) + 1 + summarised(BACKWARD_CONFIG) + 1 + restepped
     elements = batch * length * inner * state * vimms
     saved_bytes = 2 * batch * -(-length // tile) * inner * state * 4 * vimms  # written, then read back
     return {'exp2': per_state * elements, 'exp2_per_state_and_token': per_state, 'saved_state_bytes': saved_bytes}

@@ -99,17 +99,17 @@ def test_benchmark_cudnn_flag_sets_and_clears_torch_setting(monkeypatch):
 
 def test_floor_counts_the_training_scans_decays_as_the_kernels_walk_the_tokens(tmp_path):
     benchmark = load_benchmark()
-    from dvmsr_arch.ops.scan_triton import BACKWARD_CONFIG
+    from dvmsr_arch.ops.scan_triton import BACKWARD_CONFIG, FORWARD_CONFIG
     assert benchmark.main(['floor', '--device', 'cpu', '--sizes', '16x16', '--train-batch', '3',
                            '--train-size', '32x32', '--out', str(tmp_path)]) == 0
     train = json.loads((tmp_path / 'floor.json').read_text())['train_scan']
     # Walk one sequence as the kernels do: the gradients kernel goes through each tile in runs of 4
     # from the last, re-stepping from the tile start to each run's start, then through 3 more
-    # tokens to hold the run's states; the summary passes leave out one chunk.
+    # tokens to hold the run's states; each summary pass leaves out the one chunk it need not summarise.
     tile, length = BACKWARD_CONFIG.tile, 32 * 32
-    chunks = -(-length // (tile * BACKWARD_CONFIG.tiles_per_chunk))
     gradient_steps = sum(start + 3 + 4 for _ in range(length // tile) for start in range(tile - 4, -1, -4))
-    decays = length * (chunks - 1) / chunks * 2 + length + gradient_steps
+    summaries = sum(length - cfg.tile * cfg.tiles_per_chunk for cfg in (FORWARD_CONFIG, BACKWARD_CONFIG))
+    decays = summaries + length + gradient_steps
     assert train['exp2'] == pytest.approx(3 * decays * 120 * 16 * 8)
     assert train['saved_state_bytes'] == 2 * 3 * (length // tile) * 120 * 16 * 4 * 8
 
