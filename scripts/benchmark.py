@@ -1054,7 +1054,8 @@ def train_scan_floor(batch: int, height: int, width: int, inner: int = 120, stat
 
 
 def run_floor(args, device: torch.device) -> Dict[str, object]:
-    """Lower bounds per forward from the counts above and the device's ceilings."""
+    """Lower bounds per forward from the counts above and the device's ceilings, then what a
+    training step's scan kernels must compute and move (``train_scan_floor``)."""
     per_token = floor_per_token(element_bytes=2 if args.precision in ('fp16', 'bf16') else 4)
     bandwidth = args.bandwidth_gbps * 1e9
     results = {'per_token': per_token, 'bandwidth_GBps': args.bandwidth_gbps, 'exp2_per_s': args.exp2_rate,
