@@ -437,7 +437,8 @@ MEASURED_SCAN_CONFIGS = (
     'lanes_t8_e64_c32_w2', 'lanes_t4_e64_c32_w2', 'lanes_t8_e32_c8_w1', 'lanes_t4_e64_c16_w2', 'lanes_t4_e64_c64_w2',
     'lanes_t2_e64_c64_w2', 'lanes_t4_e128_c32_w4', 'lanes_t8_e64_c16_w2', 'lanes_t4_e32_c32_w1', 'lanes_t8_e32_c64_w1',
     'assoc_t8_e32_c32_w4', 'lanes_t4_e64_c32_w2_p8', 'lanes_t4_e128_c32_w4_p8', 'lanes_t4_e32_c64_w1_p8',
-    'lanes_t4_e64_c41_w2_p8', 'lanes_t4_e64_c32_w2_p8_waves', 'lanes_t4_e128_c64_w4_p8')
+    'lanes_t4_e64_c41_w2_p8', 'lanes_t4_e64_c32_w2_p8_waves', 'lanes_t4_e128_c64_w4_p8',
+    'lanes_t4_e128_c32_w4_p8_waves')
 SCAN_CONFIG_NAME = re.compile(r'(lanes|assoc)_t(\d+)_e(\d+)_c(\d+)_w(\d+)(?:_p(\d+))?(?:_s(\d+))?(?:_o(\d+))?(_waves)?')
 
 

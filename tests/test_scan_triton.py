@@ -624,7 +624,7 @@ def test_whole_sequence_chunks_for_the_distillation_teacher_on_an_h100():
 def test_scan_config_names():
     from benchmark import MEASURED_SCAN_CONFIGS, scan_config
     from dvmsr_arch.ops.scan_triton import FORWARD_CONFIG, ScanConfig
-    assert scan_config('lanes_t4_e64_c32_w2_p8_waves') == FORWARD_CONFIG
+    assert scan_config('lanes_t4_e128_c32_w4_p8_waves') == FORWARD_CONFIG
     assert scan_config('lanes_t4_e64_c41_w2_p8_s80_o112') == ScanConfig(
         tile=4, block_e=64, tiles_per_chunk=41, num_warps=2, sequential=True, prefetch=8, summary_registers=80,
         output_registers=112)

@@ -56,8 +56,11 @@ class ScanConfig:
 # the states saved at every tile start, and with its programs of channels. Both prefetch 8 tokens
 # ahead: without it the kernels spent most of their stalls waiting on those loads. The forward
 # lengthens its chunks to fill whole waves of the GPU: at LR 339x510 on an H100 that took its two
-# passes from 220 + 149 to 197 + 133 us per call.
-FORWARD_CONFIG = ScanConfig(tile=4, block_e=64, tiles_per_chunk=32, num_warps=2, sequential=True, prefetch=8,
+# passes from 220 + 149 to 197 + 133 us per call. Inference takes the backward's programs too, four
+# warps of 32 channels, so one program holds all of the student's 120: its output pass took 175
+# against 178 us a call with programs of two warps, and no image size from 64x64 to 678x1020 got
+# slower; the teacher's 384 channels lost 0.6% (docs/performance.md, version 26).
+FORWARD_CONFIG = ScanConfig(tile=4, block_e=128, tiles_per_chunk=32, num_warps=4, sequential=True, prefetch=8,
                             whole_waves=True)
 BACKWARD_CONFIG = ScanConfig(tile=4, block_e=128, tiles_per_chunk=64, num_warps=4, sequential=True, prefetch=8)
 CARRY_BLOCK_CHUNKS = 256
