@@ -603,19 +603,24 @@ def test_whole_wave_chunks(n_tiles, programs_per_chunk, resident):
 
 
 def test_whole_wave_chunks_at_lr_339x510_on_an_h100():
-    # 172,890 tokens in tiles of 4, two programs per chunk (120 channels, 64 per program), 132 SMs
-    # holding 8 programs each: 41 tiles a chunk, 1,055 chunks, 2,110 programs in two waves of 1,056.
+    # 172,890 tokens in tiles of 4, one program per chunk (120 channels in programs of 128), 132 SMs
+    # holding 4 programs of four warps each: 41 tiles a chunk, 1,055 programs in two waves of 528.
+    # Programs of two warps and 64 channels, 8 an SM, give the same chunks.
     from dvmsr_arch.ops.scan_triton import _whole_wave_tiles
+    assert _whole_wave_tiles(43223, 32, 1, 132 * 4) == 41
     assert _whole_wave_tiles(43223, 32, 2, 132 * 8) == 41
 
 
 def test_whole_sequence_chunks_for_the_distillation_teacher_on_an_h100():
     # The teacher's forward at the paper's batch: 128 sequences of 64x64 tokens (1,024 tiles of 4),
-    # 384 channels in 6 programs of 64: 768 programs a chunk, which 132 SMs of 8 hold at once. One
-    # chunk a sequence then leaves the summary pass nothing to do. At batch 64 (384 programs) chunks
-    # of 47 tiles (8 waves a pass) still end sooner than one chunk walking all 1,024 tiles; the
-    # student's training forward (one program of 128 channels a sequence, 4 a SM) keeps 32.
+    # 384 channels in 3 programs of 128: 384 programs a chunk, which 132 SMs hold at once at 3 each
+    # (its output pass takes 168 registers a thread). One chunk a sequence then leaves the summary
+    # pass nothing to do; so it does with 6 programs of 64 channels a sequence, 8 an SM. At 384
+    # programs a chunk where the GPU holds 1,056, chunks of 47 tiles (8 waves a pass) still end
+    # sooner than one chunk walking all 1,024 tiles; the student's training forward (one program of
+    # 128 channels a sequence, 4 a SM) keeps 32.
     from dvmsr_arch.ops.scan_triton import _whole_wave_tiles
+    assert _whole_wave_tiles(1024, 32, 3 * 128, 132 * 3) == 1024
     assert _whole_wave_tiles(1024, 32, 6 * 128, 132 * 8) == 1024
     assert _whole_wave_tiles(1024, 32, 6 * 64, 132 * 8) == 47
     assert _whole_wave_tiles(1024, 32, 64, 132 * 4) == 32

@@ -156,12 +156,13 @@ def _whole_wave_tiles(n_tiles: int, tiles: int, programs_per_chunk: int, residen
 
     Every program of a pass has the same work, so they finish in waves, and a last wave that is
     partly empty costs as long as a full one: the time goes as the number of waves times the tiles
-    a program walks. At LR 339x510 the default shape gives 2,702 programs, 2.56 waves of 1,056 on an
-    H100, so the last of three runs half empty; chunks of 41 tiles instead of 32 make it 2,110
+    a program walks. At LR 339x510 the default shape gives 1,351 programs, 2.56 waves of 528 on an
+    H100, so the last of three runs half empty; chunks of 41 tiles instead of 32 make it 1,055
     programs, two full waves. The summary pass runs on every chunk but the last of a sequence, so
     where the batch and the channel blocks alone come close to filling the GPU, whole sequences as
     single chunks leave it nothing to do: a distillation teacher's 128 images of 64x64 tokens at 384
-    channels are 768 programs. Chunks only grow: fewer, longer ones also leave less to the carry.
+    channels are 384 programs, of which an H100 holds 396 at once. Chunks only grow: fewer, longer
+    ones also leave less to the carry.
     """
     def cost(t: int) -> float:
         chunks = _cdiv(n_tiles, t)
