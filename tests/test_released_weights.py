@@ -3,9 +3,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
+import dvmsr_arch  # noqa: F401  (before basicsr: registers the networks, patches basicsr's imports)
 from basicsr.metrics import calculate_psnr
 from basicsr.utils import img2tensor, tensor2img
-
 from dvmsr_arch.archs.dvmsr_arch import DVMSR
 from dvmsr_arch.utils.network import load_weights
 
