@@ -79,6 +79,16 @@ def test_torch_backend_is_stable_over_long_strongly_decaying_sequences():
     torch.testing.assert_close(out[..., :500], ref, rtol=1e-4, atol=1e-4)
 
 
+def test_torch_backend_decay_floor_is_below_float64_resolution():
+    """Decays of exp(-1e3) per token, which the torch backend takes as 2**-64, leave the float64
+    output where the exact recurrence puts it (it fails for a floor of 2**-30)."""
+    inputs = random_inputs(2, 3, 5, 200, seed=3)
+    inputs['A'] = inputs['A'] * torch.tensor([1.0, 1.0, 1000.0, 1000.0, 1.0], dtype=torch.float64)
+    inputs['delta'] = inputs['delta'].abs() + 1
+    out = ops.selective_scan(**inputs, backend='torch')
+    torch.testing.assert_close(out, selective_scan_ref(**inputs), rtol=1e-12, atol=1e-12)
+
+
 def test_torch_backend_never_builds_whole_sequence_state(monkeypatch):
     """The largest tensor the scan makes is far below batch * E * L * N elements."""
     inputs = random_inputs(1, 8, 16, 4096, seed=2, dtype=torch.float32)

@@ -9,8 +9,10 @@ into blocks chained by their final state. Under autograd every block is checkpoi
 backward pass also holds one block at a time.
 
 Only decay factors exp(delta * A) in (0, 1] are formed (A < 0, delta >= 0 after softplus), never
-their inverses, so nothing overflows however long the sequence.
+their inverses, so nothing overflows however long the sequence; those below 2**-64 are taken as
+2**-64 (``DECAY_FLOOR``).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -18,11 +20,25 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+# Decays below 2**-64 are taken as 2**-64: that moves a state by less than 2**-64 of the state before
+# it, below float64's rounding (2**-53) at the states' scale. Smaller factors make the CPU slow: PyTorch's
+# exp is many times slower per element for arguments below about -87 (where fp32 underflows), and so
+# is a multiply with an operand below fp32's normal range (2**-126). The released student's A reaches
+# -456, so many of its decays lie there (docs/benchmarks.md, CPU).
+DECAY_FLOOR = -64 * math.log(2)  # natural log of the smallest decay factor
 CHUNK = 16  # short chunks make few, large vectorised steps; the pass over chunk ends is cheap
 # Elements of one step's (batch, chunks, E, N) state tensor in a block: bounds the working set,
 # and, under autograd, what one checkpointed block keeps for its backward pass.
 STEP_ELEMENTS = 2**20
 STEP_ELEMENTS_WITH_GRAD = 2**20
+
+
+def _decay(exponent: Tensor) -> Tensor:
+    """exp(exponent) for exponent <= 0, no smaller than exp(DECAY_FLOOR). Without autograd it works in
+    place, on the temporary every caller hands it: two allocations of a whole step fewer per call."""
+    if torch.is_grad_enabled():
+        return torch.exp(exponent.clamp_min(DECAY_FLOOR))
+    return exponent.clamp_min_(DECAY_FLOOR).exp_()
 
 
 def _scan_chunks(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
@@ -40,17 +56,17 @@ def _scan_chunks(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: 
     h, y_local = None, []
     for t in range(CHUNK):
         drive = drive_s[t].unsqueeze(-1) * B_s[t]
-        h = drive if h is None else torch.addcmul(drive, torch.exp(delta_s[t].unsqueeze(-1) * A), h)
+        h = drive if h is None else torch.addcmul(drive, _decay(delta_s[t].unsqueeze(-1) * A), h)
         y_local.append(torch.matmul(h, C_s[t]))
 
-    chunk_decay = torch.exp(delta_sum[-1] * A)  # (b, chunks, E, N)
+    chunk_decay = _decay(delta_sum[-1] * A)  # (b, chunks, E, N)
     carry, starts = h0, []
     for c in range(n_chunks):
         starts.append(carry)
         carry = torch.addcmul(h[:, c], chunk_decay[:, c], carry)
     start = torch.stack(starts, dim=1)
 
-    y = torch.stack([y_local[t] + torch.matmul(torch.exp(delta_sum[t] * A) * start, C_s[t]) for t in range(CHUNK)])
+    y = torch.stack([y_local[t] + torch.matmul(_decay(delta_sum[t] * A) * start, C_s[t]) for t in range(CHUNK)])
     return y.squeeze(-1).permute(1, 3, 2, 0).reshape(batch, inner, length), carry
 
 
