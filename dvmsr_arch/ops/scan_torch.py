@@ -26,7 +26,12 @@ from torch.utils.checkpoint import checkpoint
 # is a multiply with an operand below fp32's normal range (2**-126). The released student's A reaches
 # -456, so many of its decays lie there (docs/benchmarks.md, CPU).
 DECAY_FLOOR = -64 * math.log(2)  # natural log of the smallest decay factor
-CHUNK = 16  # short chunks make few, large vectorised steps; the pass over chunk ends is cheap
+# Tokens a chunk: chunks advance together, one token a step, and the pass over chunk ends steps once a
+# chunk. Longer chunks mean fewer of those small steps; under autograd a checkpointed block keeps every
+# step's tensors for its backward, so there chunks stay short. Without autograd 32 runs the released
+# student faster than 16 on the CPU, for a little more memory (docs/benchmarks.md, CPU).
+CHUNK = 32
+CHUNK_WITH_GRAD = 16
 # Elements of one step's (batch, chunks, E, N) state tensor in a block: bounds the working set,
 # and, under autograd, what one checkpointed block keeps for its backward pass.
 STEP_ELEMENTS = 2**20
@@ -41,20 +46,21 @@ def _decay(exponent: Tensor) -> Tensor:
     return exponent.clamp_min_(DECAY_FLOOR).exp_()
 
 
-def _scan_chunks(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
-    """The recurrence over a length that is a multiple of CHUNK; returns (C.h per token, final state)."""
+def _scan_chunks(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: Tensor,
+                 chunk: int) -> Tuple[Tensor, Tensor]:
+    """The recurrence over a length that is a multiple of ``chunk``; returns (C.h per token, final state)."""
     batch, inner, length = u.shape
-    n_chunks = length // CHUNK
+    n_chunks = length // chunk
 
     def steps_first(t: Tensor) -> Tensor:  # (b, X, L) -> (T, b, chunks, X): each step's slice contiguous
-        return t.reshape(batch, t.shape[1], n_chunks, CHUNK).permute(3, 0, 2, 1).contiguous()
+        return t.reshape(batch, t.shape[1], n_chunks, chunk).permute(3, 0, 2, 1).contiguous()
 
     delta_s, drive_s = steps_first(delta), steps_first(delta * u)
     B_s, C_s = steps_first(B).unsqueeze(3), steps_first(C).unsqueeze(-1)  # (T,b,chunks,1,N), (T,b,chunks,N,1)
     delta_sum = delta_s.cumsum(0).unsqueeze(-1)  # decay from a chunk's start is exp(A * delta_sum)
 
     h, y_local = None, []
-    for t in range(CHUNK):
+    for t in range(chunk):
         drive = drive_s[t].unsqueeze(-1) * B_s[t]
         h = drive if h is None else torch.addcmul(drive, _decay(delta_s[t].unsqueeze(-1) * A), h)
         y_local.append(torch.matmul(h, C_s[t]))
@@ -66,12 +72,13 @@ def _scan_chunks(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, h0: 
         carry = torch.addcmul(h[:, c], chunk_decay[:, c], carry)
     start = torch.stack(starts, dim=1)
 
-    y = torch.stack([y_local[t] + torch.matmul(_decay(delta_sum[t] * A) * start, C_s[t]) for t in range(CHUNK)])
+    y = torch.stack([y_local[t] + torch.matmul(_decay(delta_sum[t] * A) * start, C_s[t]) for t in range(chunk)])
     return y.squeeze(-1).permute(1, 3, 2, 0).reshape(batch, inner, length), carry
 
 
 def _scan_block(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor], A: Tensor, h0: Tensor,
-                D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
+                D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                chunk: int) -> Tuple[Tensor, Tensor]:
     """Everything per token for one block, so that no full-length temporary is ever made."""
     compute = h0.dtype
     length = u.shape[-1]
@@ -81,8 +88,8 @@ def _scan_block(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tens
     if delta_softplus:
         delta = F.softplus(delta)
     # Padding with delta = 0 gives decay 1 and no input: the state passes through unchanged.
-    pad = -length % CHUNK
-    y, h = _scan_chunks(*(F.pad(t, (0, pad)) for t in (u, delta, B, C)), A, h0)
+    pad = -length % chunk
+    y, h = _scan_chunks(*(F.pad(t, (0, pad)) for t in (u, delta, B, C)), A, h0, chunk)
     y = y[..., :length]
     if D is not None:
         y = torch.addcmul(y, u, D[..., None].to(compute))
@@ -101,8 +108,8 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     state = A.shape[1]
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    step_budget = STEP_ELEMENTS_WITH_GRAD if with_grad else STEP_ELEMENTS
-    block = max(1, step_budget // (batch * inner * state)) * CHUNK
+    step_budget, chunk = (STEP_ELEMENTS_WITH_GRAD, CHUNK_WITH_GRAD) if with_grad else (STEP_ELEMENTS, CHUNK)
+    block = max(1, step_budget // (batch * inner * state)) * chunk
 
     h = u.new_zeros(batch, inner, state, dtype=compute)
     pieces = []
@@ -110,7 +117,7 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     for start in range(0, length, block):
         span = slice(start, min(start + block, length))
         args = (u[..., span], delta[..., span], B[..., span], C[..., span], None if z is None else z[..., span],
-                A, h, D, delta_bias, delta_softplus)
+                A, h, D, delta_bias, delta_softplus, chunk)
         if with_grad:
             y, h = checkpoint(_scan_block, *args, use_reentrant=False)
             pieces.append(y.to(u.dtype))
