@@ -39,9 +39,10 @@ STEP_ELEMENTS_WITH_GRAD = 2**20
 
 
 def _decay(exponent: Tensor) -> Tensor:
-    """exp(exponent) for exponent <= 0, no smaller than exp(DECAY_FLOOR). Without autograd it works in
-    place, on the temporary every caller hands it: two allocations of a whole step fewer per call."""
-    if torch.is_grad_enabled():
+    """exp(exponent) for exponent <= 0, no smaller than exp(DECAY_FLOOR). Where autograd does not
+    record it, it works in place, on the temporary every caller hands it: two allocations of a whole
+    step fewer per call."""
+    if exponent.requires_grad:
         return torch.exp(exponent.clamp_min(DECAY_FLOOR))
     return exponent.clamp_min_(DECAY_FLOOR).exp_()
 
